@@ -1,0 +1,1 @@
+"""Datasets: ShapesWorld (procedural scenes), JSONL chat records, collation."""

@@ -1,0 +1,1 @@
+"""Evaluation: the ShapesWorld checker, GenEval-style scoring, reports."""

@@ -1,0 +1,1 @@
+"""Model components: quantiser, VAE, visual decoder, projectors, the unified model."""

@@ -1,0 +1,1 @@
+"""Training: losses, stages (SFT, DPO, editing), the trainer loop, checkpoints."""
