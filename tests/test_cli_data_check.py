@@ -1,0 +1,118 @@
+"""`vargpt data shapesworld` and `vargpt check`, and the image loader's errors, through the real CLI entry."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vargpt.cli import main
+from vargpt.data.scene import Obj, Scene, render
+from vargpt.errors import InputError
+from vargpt.imageio import load_image
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def good_png(tmp_path):
+    path = tmp_path / "good.png"
+    render(Scene((Obj("circle", "red", "small", 0.17, 0.5), Obj("square", "blue", "large", 0.83, 0.5))), 128).save(path)
+    return path
+
+
+def test_data_shapesworld_writes_records(tmp_path, capsys):
+    code, out, _ = _run(capsys, "data", "shapesworld", "--out", str(tmp_path / "d"), "--n", "6", "--split", "test",
+                        "--size", "64", "--tasks", "t2i,dpo")
+    assert code == 0
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["records"] == 6 and summary["tasks"] == {"dpo": 3, "t2i": 3}
+    lines = (tmp_path / "d" / "records.jsonl").read_text().splitlines()
+    assert [json.loads(x)["task"] for x in lines] == ["t2i", "dpo"] * 3
+
+
+def test_check_prints_a_verdict_per_image(tmp_path, capsys, good_png):
+    code, out, _ = _run(capsys, "check", "--prompt", "a red circle to the left of a blue square", str(good_png),
+                        str(good_png))
+    assert code == 0
+    verdicts = [json.loads(line) for line in out.strip().splitlines()]
+    assert len(verdicts) == 2
+    assert verdicts[0]["image"] == str(good_png) and verdicts[0]["score"] == 1.0
+    assert verdicts[0]["category"] == "position"
+    code, out, _ = _run(capsys, "check", "--prompt", "three crosses", str(good_png))
+    assert json.loads(out)["score"] == 0.0 and json.loads(out)["category"] == "counting"
+
+
+def test_check_edit_mode(tmp_path, capsys, good_png):
+    edited = tmp_path / "edited.png"
+    render(Scene((Obj("square", "blue", "large", 0.83, 0.5),)), 128).save(edited)
+    code, out, _ = _run(capsys, "check", "--source", str(good_png), "--instruction", "Remove the red circle.",
+                        str(edited))
+    verdict = json.loads(out)
+    assert code == 0 and verdict["score"] == 1.0 and verdict["category"] == "remove"
+
+
+def _bad_inputs(tmp_path, good_png) -> dict[str, tuple[list[str], str]]:
+    text = tmp_path / "notes.png"
+    text.write_text("not an image at all")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good_png.read_bytes()[:200])
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (32, 32), (0, 50, 100, 0)).save(cmyk)
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((32, 32), 40000, np.uint16)).save(deep)
+    p = "a red circle"
+    return {
+        "not an image": (["--prompt", p, str(text)], "not an image"),
+        "truncated": (["--prompt", p, str(truncated)], "truncated"),
+        "cmyk": (["--prompt", p, str(cmyk)], "CMYK"),
+        "16-bit": (["--prompt", p, str(deep)], "16-bit"),
+        "missing": (["--prompt", p, str(tmp_path / "nope.png")], "no such file"),
+        "empty prompt": (["--prompt", "", str(good_png)], "prompt is empty"),
+        "unparseable prompt": (["--prompt", "a sunset over the sea", str(good_png)], "cannot parse prompt"),
+    }
+
+
+@pytest.mark.parametrize("case", ["not an image", "truncated", "cmyk", "16-bit", "missing", "empty prompt",
+                                  "unparseable prompt"])
+def test_check_bad_input_is_one_clear_line(tmp_path, capsys, good_png, case):
+    args, needle = _bad_inputs(tmp_path, good_png)[case]
+    code, out, err = _run(capsys, "check", *args, str(good_png))
+    assert code != 0
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err
+
+
+def test_load_image_converts_simple_modes_and_composites_alpha():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    for img in (rgba, Image.new("L", (4, 4), 80), Image.new("LA", (4, 4), (10, 255)), rgba.convert("P")):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        buf.seek(0)
+        out = load_image(buf)
+        assert out.mode == "RGB" and out.size == (4, 4)
+    buf = io.BytesIO()
+    rgba.save(buf, format="PNG")
+    buf.seek(0)
+    assert load_image(buf).getpixel((0, 0)) == (255, 255, 255)  # fully transparent -> white
+
+
+def test_load_image_rejects_high_bit_depth_modes(tmp_path):
+    path = tmp_path / "float.tif"
+    Image.new("F", (4, 4), 0.5).save(path)
+    with pytest.raises(InputError, match="mode F"):
+        load_image(path)
+    with pytest.raises(InputError, match="empty"):
+        load_image(io.BytesIO(b""))

@@ -1,0 +1,200 @@
+"""ShapesWorld: scenes, rendering, text round-trips, determinism, splits and held-out combinations."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vargpt.data.scene import (
+    BACKGROUNDS,
+    CELL_MARGIN,
+    COLOURS,
+    IMAGE_SIZES,
+    SHAPES,
+    Obj,
+    Scene,
+    render,
+    sample_scene,
+)
+from vargpt.data.shapesworld import (
+    CATEGORIES,
+    EDIT_KINDS,
+    HELDOUT_COMPOSITIONS,
+    HELDOUT_PAIRS,
+    TASKS,
+    PromptSpec,
+    composition,
+    edit_text,
+    make_record,
+    parse_edit,
+    parse_prompt,
+    prompt_text,
+    sample_edit,
+    sample_prompt,
+    write_dataset,
+)
+from vargpt.errors import InputError
+
+
+def _all_scenes(rec: dict) -> list[Scene]:
+    scenes = [Scene.from_dict(rec["scene"])]
+    for key in ("target_scene", "rejected_scene"):
+        if key in rec["meta"]:
+            scenes.append(Scene.from_dict(rec["meta"][key]))
+    return scenes
+
+
+def test_palette_is_well_separated_from_itself_and_backgrounds():
+    assert len(COLOURS) >= 8 and len(SHAPES) >= 5
+    pal = np.array(list(COLOURS.values()), float)
+    bgs = np.array(list(BACKGROUNDS.values()), float)
+    pairwise = [np.linalg.norm(a - b) for a, b in itertools.combinations(pal, 2)]
+    assert min(pairwise) > 80
+    assert np.linalg.norm(pal[:, None] - bgs[None], axis=-1).min() > 120
+
+
+def test_same_scene_at_every_resolution_and_antialiased():
+    scene = sample_scene(random.Random(3), n_objects=4)
+    big = render(scene, 512)
+    for size in IMAGE_SIZES:
+        img = render(scene, size)
+        assert img.mode == "RGB" and img.size == (size, size)
+        down = np.asarray(big.resize((size, size), Image.Resampling.BOX), float)
+        assert np.abs(down - np.asarray(img, float)).mean() < 2.0  # same geometry, only rasterisation differs
+    pixels = {tuple(p) for p in np.asarray(render(scene, 64)).reshape(-1, 3)}
+    pure = {tuple(c) for c in COLOURS.values()} | {tuple(c) for c in BACKGROUNDS.values()}
+    assert pixels - pure, "edges should be blended (antialiased)"
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_sampled_scenes_keep_objects_in_distinct_cells_with_margin(seed):
+    scene = sample_scene(random.Random(seed))
+    assert 1 <= len(scene.objects) <= 4
+    assert len({o.cell for o in scene.objects}) == len(scene.objects)
+    for o in scene.objects:
+        half = o.extent / 2
+        assert o.col / 3 + CELL_MARGIN - 1e-4 <= o.cx - half and o.cx + half <= (o.col + 1) / 3 - CELL_MARGIN + 1e-4
+        assert o.row / 3 + CELL_MARGIN - 1e-4 <= o.cy - half and o.cy + half <= (o.row + 1) / 3 - CELL_MARGIN + 1e-4
+    assert Scene.from_dict(json.loads(json.dumps(scene.to_dict()))) == scene
+
+
+def test_scene_from_dict_rejects_unknown_attributes():
+    with pytest.raises(InputError, match="hexagon"):
+        Scene.from_dict({"background": "white", "objects": [{"shape": "hexagon", "colour": "red", "size": "small",
+                                                             "cx": 0.5, "cy": 0.5}]})
+    with pytest.raises(InputError, match="malformed"):
+        Scene.from_dict({"objects": [{"shape": "circle"}]})
+
+
+def test_prompts_round_trip_through_text_for_every_category():
+    for i in range(300):
+        rng = random.Random(i)
+        spec = sample_prompt(rng, CATEGORIES[i % len(CATEGORIES)], train=False)
+        assert parse_prompt(prompt_text(spec, rng)) == spec
+
+
+def test_parse_prompt_categories_and_errors():
+    assert parse_prompt("a circle").category == "single_object"
+    assert parse_prompt("An orange square!").objects[0].colour == "orange"
+    spec = parse_prompt("Draw 3 triangles.")
+    assert spec.category == "counting" and spec.objects[0].count == 3 and spec.objects[0].shape == "triangle"
+    assert parse_prompt("a red circle and a blue cross").category == "color_attr"
+    assert parse_prompt("a red circle and a cross").category == "two_object"
+    spec = parse_prompt("a photo of a diamond below a square")
+    assert spec.category == "position" and spec.relation == "below"
+    with pytest.raises(InputError, match="understood only: circle"):
+        parse_prompt("a circle riding a bicycle")
+    with pytest.raises(InputError, match="empty"):
+        parse_prompt("  ")
+
+
+def test_edits_round_trip_and_cover_every_kind():
+    kinds = set()
+    for i in range(200):
+        rng = random.Random(i)
+        scene = sample_scene(rng)
+        spec, edited = sample_edit(scene, rng, train=False)
+        kinds.add(spec.kind)
+        assert parse_edit(edit_text(spec, rng)) == spec
+        assert edited != scene
+    assert kinds == set(EDIT_KINDS)
+
+
+def test_same_seed_gives_byte_identical_dataset(tmp_path):
+    summaries = [write_dataset(tmp_path / d, n=10, split="train", size=64, seed=s, progress=False)
+                 for d, s in (("a", 7), ("b", 7), ("c", 8))]
+    assert summaries[0]["tasks"] == {t: 2 for t in TASKS}
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 1 + 3 * 2 + 2 * 2 * 2  # records + one image per caption/vqa/t2i, two per edit/dpo
+    for rel in files:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    assert (tmp_path / "a" / "records.jsonl").read_bytes() != (tmp_path / "c" / "records.jsonl").read_bytes()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_records_follow_the_chat_format(tmp_path):
+    write_dataset(tmp_path, n=15, split="val", size=128, seed=0, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 15
+    for rec in records:
+        assert set(rec) >= {"id", "task", "messages", "images", "scene", "meta"}
+        for rel in rec["images"]:
+            assert Image.open(tmp_path / rel).size == (128, 128)
+        roles = [m["role"] for m in rec["messages"]]
+        user = rec["messages"][0]["content"]
+        if rec["task"] in ("caption", "vqa"):
+            assert roles == ["user", "assistant"] and user.startswith("<image>\n") and len(rec["images"]) == 1
+        elif rec["task"] == "t2i":
+            assert rec["messages"][1]["content"] == "<image_gen>" and len(rec["images"]) == 1
+            assert parse_prompt(user) == PromptSpec.from_dict(rec["meta"]["spec"])
+        elif rec["task"] == "edit":
+            assert user.startswith("<image>\n") and rec["messages"][1]["content"] == "<image_gen>"
+            assert len(rec["images"]) == 2 and rec["images"][0].endswith("_src.png")
+        else:
+            assert roles == ["user"] and rec["chosen"]["content"] == rec["rejected"]["content"] == "<image_gen>"
+            assert rec["images"][0].endswith("_chosen.png") and rec["images"][1].endswith("_rejected.png")
+
+
+def test_splits_are_disjoint():
+    scenes = {}
+    for split in ("train", "val", "test"):
+        recs = [make_record(i, split=split, seed=0, size=64)[0] for i in range(60)]
+        scenes[split] = {json.dumps(rec["scene"], sort_keys=True) for rec in recs}
+        assert len({rec["id"] for rec in recs}) == 60
+    for a, b in itertools.combinations(scenes, 2):
+        assert not scenes[a] & scenes[b], (a, b)
+
+
+def test_heldout_combinations_never_appear_in_train_but_do_in_test():
+    heldout_in_test = 0
+    for i in range(500):
+        rec, _ = make_record(i, split="train", seed=0, size=64)
+        assert not rec["meta"]["heldout"]
+        for scene in _all_scenes(rec):
+            assert not {(o.shape, o.colour) for o in scene.objects} & HELDOUT_PAIRS, rec["id"]
+        if "spec" in rec["meta"]:
+            spec = PromptSpec.from_dict(rec["meta"]["spec"])
+            assert composition(spec) not in HELDOUT_COMPOSITIONS
+            assert not {(o.shape, o.colour) for o in spec.objects} & HELDOUT_PAIRS
+        test_rec, _ = make_record(i, split="test", seed=0, size=64)
+        heldout_in_test += test_rec["meta"]["heldout"]
+    assert heldout_in_test > 25
+
+
+def test_write_dataset_rejects_bad_arguments(tmp_path):
+    with pytest.raises(InputError, match="size 100"):
+        write_dataset(tmp_path, n=2, size=100)
+    with pytest.raises(InputError, match="split"):
+        write_dataset(tmp_path, n=2, split="dev")
+    with pytest.raises(InputError, match="task"):
+        write_dataset(tmp_path, n=2, tasks=("painting",))
+
+
+def test_render_rejects_unsupported_size():
+    with pytest.raises(InputError, match="64, 128, 256"):
+        render(Scene((Obj("circle", "red", "small", 0.5, 0.5),)), 100)
