@@ -1,0 +1,79 @@
+"""Pure functions for sampling the decoder's bits: CFG mix, top-k / top-p filtering, bit draws.
+
+Contract
+--------
+Bit logits come as ``[B, l, D, 2]`` (or ``[B, l, 2D]``: columns 2d and 2d+1 are bit d's "0" and "1"); every
+bit is an independent 2-way distribution. `sample_bits` returns {0, 1} bits ``[B, l, D]`` (long).
+
+Reproducing the published sampler: it divides the logits by tau, mixes ``cfg * cond + (1 - cfg) * uncond``,
+applies top-k then top-p to each 2-way distribution (with the published threshold test ``cumsum <= 1 - top_p``
+on the ascending-sorted probabilities, always keeping the largest) and draws with ONE call of
+``torch.multinomial`` on the flattened ``[B*l*D, 2]`` probabilities with a CPU generator. With a single
+generator `sample_bits` makes that same call, so the same seed gives the same bits when the logits match.
+
+Differences from the published implementation: a list of generators (one per sample) draws each sample from
+its own generator, so a batch gives the same bits as separate batch-1 calls with the same seeds; the
+functions return new tensors instead of filtering the logits in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["cfg_mix", "top_k_top_p_filter", "sample_bits", "as_bit_logits"]
+
+
+def as_bit_logits(logits: Tensor) -> Tensor:
+    """``[..., 2D]`` -> ``[..., D, 2]`` (no-op when the last axis already is 2 and the one before is D)."""
+    return logits.unflatten(-1, (-1, 2))
+
+
+def cfg_mix(logits_cond: Tensor, logits_uncond: Tensor, cfg: float) -> Tensor:
+    """Classifier-free guidance on logits: ``cfg * cond + (1 - cfg) * uncond`` (the published formula)."""
+    return cfg * logits_cond + (1 - cfg) * logits_uncond
+
+
+def top_k_top_p_filter(logits: Tensor, top_k: int = 0, top_p: float = 0.0) -> Tensor:
+    """Set logits outside the top-k / nucleus to -inf along the last axis (a copy; 0 disables a filter).
+
+    top-p as published: sort ascending, drop entries whose cumulative probability is <= 1 - top_p, never the
+    largest. On 2-way bit distributions top-k >= 2 is a no-op and top-p 0.97 forces a bit to its majority value
+    when the minority probability is <= 0.03.
+    """
+    V = logits.shape[-1]
+    if top_k > 0:
+        k = min(top_k, V)
+        kth = logits.topk(k, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        remove_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove_sorted[..., -1:] = False
+        remove = torch.zeros_like(remove_sorted).scatter(-1, sorted_idx, remove_sorted)
+        logits = logits.masked_fill(remove, -torch.inf)
+    return logits
+
+
+def sample_bits(logits_BlD2: Tensor, *, tau: float = 1.0, top_k: int = 0, top_p: float = 0.0,
+                generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Tensor:
+    """Draw every bit from its (filtered, tempered) 2-way distribution. Returns long bits [B, l, D].
+
+    ``generator``: one generator for the whole batch (the published single multinomial call), or a sequence
+    of B generators, sample b drawing from ``generator[b]``.
+    """
+    if logits_BlD2.shape[-1] != 2:
+        raise ValueError(f"bit logits must end with an axis of 2, got shape {tuple(logits_BlD2.shape)}")
+    B, l, D = logits_BlD2.shape[:3]
+    logits = logits_BlD2 if tau == 1.0 else logits_BlD2.mul(1 / tau)
+    probs = top_k_top_p_filter(logits, top_k, top_p).softmax(dim=-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        draws = torch.multinomial(probs.reshape(-1, 2), 1, replacement=True, generator=generator)
+        return draws.view(B, l, D)
+    if len(generator) != B:
+        raise ValueError(f"got {len(generator)} generators for a batch of {B}")
+    out = [torch.multinomial(probs[b].reshape(-1, 2), 1, replacement=True, generator=g).view(l, D)
+           for b, g in enumerate(generator)]
+    return torch.stack(out)

@@ -1,0 +1,73 @@
+"""Pure bit-sampling functions: CFG mix, top-k / top-p on 2-way distributions, seeded draws."""
+
+import pytest
+import torch
+
+from vargpt.config import SamplingConfig
+from vargpt.errors import InputError
+from vargpt.sampling.bits import as_bit_logits, cfg_mix, sample_bits, top_k_top_p_filter
+from vargpt.sampling.image import per_scale
+
+
+def test_cfg_mix_formula():
+    c, u = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 1.0])
+    torch.testing.assert_close(cfg_mix(c, u, 3.0), 3 * c - 2 * u)
+    torch.testing.assert_close(cfg_mix(c, u, 1.0), c)
+
+
+def test_top_p_forces_majority_bit_only_below_threshold():
+    # minority probabilities 0.02 (forced away) and 0.05 (kept) with top_p = 0.97
+    p_min = torch.tensor([0.02, 0.05])
+    logits = torch.stack([p_min.log(), (1 - p_min).log()], -1)
+    out = top_k_top_p_filter(logits, top_k=900, top_p=0.97)
+    assert torch.isinf(out[0, 0]) and out[0, 0] < 0 and torch.isfinite(out[0, 1])
+    assert torch.isfinite(out[1]).all()
+    # the larger entry is never removed, also when it is the first column
+    out = top_k_top_p_filter(logits.flip(-1), top_p=0.97)
+    assert torch.isfinite(out[0, 0]) and torch.isinf(out[0, 1])
+
+
+def test_top_k_one_keeps_argmax_and_filters_are_copies():
+    logits = torch.tensor([[0.3, -1.0], [2.0, 5.0]])
+    before = logits.clone()
+    out = top_k_top_p_filter(logits, top_k=1)
+    assert torch.equal(torch.isfinite(out), torch.tensor([[True, False], [False, True]]))
+    assert torch.equal(logits, before)
+    assert torch.equal(top_k_top_p_filter(logits), logits)  # 0 = off
+
+
+def test_sample_bits_single_generator_is_one_multinomial_call():
+    logits = torch.randn(2, 5, 8, 2, generator=torch.Generator().manual_seed(0))
+    bits = sample_bits(logits, generator=torch.Generator().manual_seed(42))
+    ref = torch.multinomial(logits.softmax(-1).view(-1, 2), 1, replacement=True,
+                            generator=torch.Generator().manual_seed(42)).view(2, 5, 8)
+    assert torch.equal(bits, ref)
+    assert bits.dtype == torch.long and set(bits.unique().tolist()) <= {0, 1}
+
+
+def test_sample_bits_per_sample_generators_are_batch_invariant():
+    logits = torch.randn(3, 4, 6, 2, generator=torch.Generator().manual_seed(1))
+    batch = sample_bits(logits, tau=0.5, top_p=0.97, generator=[torch.Generator().manual_seed(s) for s in (5, 6, 7)])
+    for i, s in enumerate((5, 6, 7)):
+        single = sample_bits(logits[i:i + 1], tau=0.5, top_p=0.97, generator=torch.Generator().manual_seed(s))
+        assert torch.equal(batch[i:i + 1], single)
+    with pytest.raises(ValueError):
+        sample_bits(logits, generator=[torch.Generator()])
+
+
+def test_sample_bits_follows_probabilities_and_temperature():
+    logits = torch.tensor([0.0, 1.0]).expand(1, 20000, 1, 2)  # p(1) = sigmoid(1) = 0.731
+    g = torch.Generator().manual_seed(0)
+    assert sample_bits(logits, generator=g).float().mean().item() == pytest.approx(0.731, abs=0.02)
+    assert sample_bits(logits, tau=0.5, generator=g).float().mean().item() == pytest.approx(0.881, abs=0.02)
+    assert sample_bits(logits * 100, generator=g).float().mean().item() == 1.0
+
+
+def test_bit_logit_layout_and_per_scale_settings():
+    flat = torch.arange(8.0).view(1, 1, 8)
+    assert as_bit_logits(flat)[0, 0].tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]  # (bit d: "0", "1")
+    assert per_scale(3.0, 3, "cfg") == [3.0, 3.0, 3.0]
+    assert per_scale([1, 2, 3, 4], 3, "cfg") == [1.0, 2.0, 3.0]
+    with pytest.raises(InputError):
+        per_scale([1.0], 3, "tau")
+    SamplingConfig(cfg=[1.0, 3.0], tau=[0.5, 1.0]).validate()
