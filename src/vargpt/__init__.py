@@ -3,11 +3,23 @@
 Public API (importing this package does no work and touches no files):
 
 * `VARGPTConfig` and the presets `official_config`, `tiny_config`, `get_preset`;
-* the model, pipeline and trainer are added by their modules as they land.
+* `VARGPT` (the unified model) and `VARGPTPipeline` (generate / chat / edit), imported on first use;
+* the trainer is added by its module as it lands.
 """
 
 __version__ = "0.1.0"
 
 from vargpt.config import VARGPTConfig, get_preset, official_config, tiny_config  # noqa: E402
 
-__all__ = ["VARGPTConfig", "get_preset", "official_config", "tiny_config", "__version__"]
+__all__ = ["VARGPT", "VARGPTConfig", "VARGPTPipeline", "get_preset", "official_config", "tiny_config", "__version__"]
+
+_LAZY = {"VARGPT": "vargpt.models.vargpt", "VARGPTPipeline": "vargpt.pipeline"}
+
+
+def __getattr__(name: str):
+    """`VARGPT` and `VARGPTPipeline` load torch and transformers, so they are imported when first used."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vargpt' has no attribute {name!r}")

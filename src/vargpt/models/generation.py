@@ -176,7 +176,8 @@ def teacher_forced_forward(decoder: VisualDecoder, projector_in: GenProjector, p
                            x_wo_prefix_BlD: Tensor, schedule: Schedule, *, start_id: int, pad_id: int,
                            attention_mask_BS: Tensor | None = None,
                            cond_drop_generator: torch.Generator | None = None,
-                           drop_path_generator: torch.Generator | None = None) -> TeacherForcedOutput:
+                           drop_path_generator: torch.Generator | None = None,
+                           cond_BD: Tensor | None = None) -> TeacherForcedOutput:
     """The released training forward of a batch with images to generate (one image per sample that has
     ``<|image_gen_pad|>`` slots, in batch order; ``x_wo_prefix_BlD`` holds their teacher-forcing inputs):
 
@@ -186,6 +187,9 @@ def teacher_forced_forward(decoder: VisualDecoder, projector_in: GenProjector, p
        positions unless the caller's ``llm`` does otherwise);
     3. LLM states at the first L slots -> ``image_gen_projector_out`` -> decoder blocks, cross-attending to the
        projected states of the tokens before ``<|image_gen_start|>`` -> bit logits.
+
+    ``cond_BD``: a precomputed start condition per image (e.g. with the caller's own condition dropout);
+    default `start_condition` with the decoder's dropout (``cond_drop_generator``).
     """
     has_image = (input_ids_BS == pad_id).any(1)
     n_img = int(has_image.sum())
@@ -193,7 +197,8 @@ def teacher_forced_forward(decoder: VisualDecoder, projector_in: GenProjector, p
         raise InputError(f"{n_img} sequence(s) have <|image_gen_pad|> slots but {x_wo_prefix_BlD.shape[0]} "
                          "image(s) were given")
     slots = int((input_ids_BS == pad_id).sum()) // max(n_img, 1)
-    cond_BD = start_condition(decoder, sos, n_img, cond_drop_generator=cond_drop_generator)
+    if cond_BD is None:
+        cond_BD = start_condition(decoder, sos, n_img, cond_drop_generator=cond_drop_generator)
     x_BLC = decoder.input_sequence(cond_BD, x_wo_prefix_BlD)
     L = x_BLC.shape[1]
     if slots < L:

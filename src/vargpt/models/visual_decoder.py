@@ -428,7 +428,8 @@ class VisualDecoder(nn.Module):
         self.word_embed = nn.Linear(codebook_dim, C)
         self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
 
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        # on the CPU so the decoder can be built under a meta device context
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         blocks = [DecoderBlock(cfg, rates[i], compat.bf16_cross_attention) for i in range(cfg.depth)]
         per = cfg.depth // cfg.block_chunks
         self.block_chunks = nn.ModuleList(_Chunk(blocks[c * per:(c + 1) * per]) for c in range(cfg.block_chunks))
