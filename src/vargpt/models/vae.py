@@ -1,0 +1,255 @@
+"""BSQ VAE: convolutional encoder/decoder around the multi-scale bitwise quantiser.
+
+Contract
+--------
+``BSQVAE(cfg: VAEConfig)`` maps images in [-1, 1], [B, 3, H, W] (H, W multiples of ``cfg.stride``), to a
+latent [B, D, H/stride, W/stride] and back. Module tree and parameter names equal the released
+``vae_local`` (Infinity ``flux_vqgan.AutoEncoder``): ``encoder``, ``decoder``, ``quantizer.lfq.mask``; every
+conv sits in a wrapper (``….conv.weight``) and every GroupNorm too (``….norm.weight``), so a released state dict
+loads after stripping the ``vae_local.`` prefix and nothing else.
+
+* ``encode_latent(x)`` -> latent_BDHW (fp32), ``quantize(x, schedule)`` -> `QuantizerOutput` (the VAE's own
+  path, area-downsampled ``var_inputs``), ``encode(x, schedule)`` -> `MultiScaleTokens` (the decoder's labels
+  and bilinear next-scale inputs, optional self-correction), ``decode(z)`` -> image clamped to [-1, 1],
+  ``decode_bits(bits_list)`` -> image, ``forward(x, schedule)`` -> (reconstruction unclamped, `QuantizerOutput`)
+  for training.
+
+Differences from the published code: one 2-D architecture (no video/3-D convs, causal padding, attention
+options, checkpoint loading or losses inside the model); sizes from `VAEConfig`; inputs are validated
+(`InputError`); swish is ``F.silu`` (same function).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vargpt.config import SelfCorrectionConfig, VAEConfig
+from vargpt.errors import InputError
+from vargpt.models.quantizer import (
+    MultiScaleBSQ,
+    MultiScaleTokens,
+    QuantizerOutput,
+    Schedule,
+    multiscale_bits,
+    sum_codes,
+)
+from vargpt.scales import schedule_for_grid
+
+
+class Conv(nn.Module):
+    """Wrapper so the key reads ``….conv.weight`` as released."""
+
+    def __init__(self, c_in: int, c_out: int, k: int, stride: int = 1, padding: int = 0) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Norm(nn.Module):
+    """GroupNorm wrapper (``….norm.weight``), eps 1e-6 as released."""
+
+    def __init__(self, ch: int, groups: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = Norm(c_in, groups)
+        self.conv1 = Conv(c_in, c_out, 3, padding=1)
+        self.norm2 = Norm(c_out, groups)
+        self.conv2 = Conv(c_out, c_out, 3, padding=1)
+        self.nin_shortcut = Conv(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class Downsample(nn.Module):
+    """3x3 stride-2 conv on the input zero-padded by one on the right and bottom only (released)."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = Conv(ch, ch, 3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest x2 then a 3x3 conv."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = Conv(ch, ch, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Mid(nn.Module):
+    def __init__(self, ch: int, groups: int) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(ch, ch, groups)
+        self.block_2 = ResnetBlock(ch, ch, groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block_2(self.block_1(x))
+
+
+class _Level(nn.Module):
+    """One resolution: ``block.{i}`` ResnetBlocks, then an optional ``downsample`` / ``upsample``."""
+
+    def __init__(self, c_in: int, c_out: int, n_blocks: int, groups: int, resample: type[nn.Module] | None) -> None:
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(n_blocks))
+        if resample is Downsample:
+            self.downsample = Downsample(c_out)
+        elif resample is Upsample:
+            self.upsample = Upsample(c_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for b in self.block:
+            x = b(x)
+        if hasattr(self, "downsample"):
+            x = self.downsample(x)
+        if hasattr(self, "upsample"):
+            x = self.upsample(x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        ch, g, n = cfg.base_ch, cfg.norm_groups, len(cfg.ch_mult)
+        chans = [ch * m for m in cfg.ch_mult]
+        self.conv_in = Conv(cfg.in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList(
+            _Level(ch if i == 0 else chans[i - 1], chans[i], cfg.num_res_blocks, g, Downsample if i < n - 1 else None)
+            for i in range(n))
+        self.mid = _Mid(chans[-1], g)
+        self.norm_out = Norm(chans[-1], g)
+        self.conv_out = Conv(chans[-1], cfg.codebook_dim, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+
+class Decoder(nn.Module):
+    """``up.{i}`` is stored at index i but run from the coarsest (i = n-1) to the finest (i = 0)."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        ch, g, n = cfg.base_ch, cfg.norm_groups, len(cfg.ch_mult)
+        chans = [ch * m for m in cfg.ch_mult]
+        self.conv_in = Conv(cfg.codebook_dim, chans[-1], 3, padding=1)
+        self.mid = _Mid(chans[-1], g)
+        self.up = nn.ModuleList(
+            _Level(chans[min(i + 1, n - 1)], chans[i], cfg.num_res_blocks + 1, g, Upsample if i > 0 else None)
+            for i in range(n))
+        self.norm_out = Norm(chans[0], g)
+        self.conv_out = Conv(chans[0], cfg.in_channels, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class BSQVAE(nn.Module):
+    """Encoder + multi-scale BSQ + decoder (released ``vae_local``)."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quantizer = MultiScaleBSQ(cfg.codebook_dim)
+
+    @property
+    def stride(self) -> int:
+        return self.cfg.stride
+
+    # ---- input checks
+
+    def check_image(self, x: Tensor) -> None:
+        """Raise `InputError` unless ``x`` is a finite float [B, C, H, W] batch with H, W multiples of the stride."""
+        c, s = self.cfg.in_channels, self.stride
+        if not isinstance(x, Tensor):
+            raise InputError(f"image must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise InputError(f"image dtype is {x.dtype}; convert with x.float() / 127.5 - 1 (uint8 -> [-1, 1])")
+        if x.ndim != 4 or x.shape[1] != c:
+            raise InputError(f"image must be [B, {c}, H, W], got shape {tuple(x.shape)}; "
+                             f"for HWC images use x.permute(2, 0, 1)[None], for grey/RGBA convert to RGB")
+        if x.shape[2] % s or x.shape[3] % s or x.shape[2] == 0 or x.shape[3] == 0:
+            raise InputError(f"image size {x.shape[2]}x{x.shape[3]} is not a multiple of the VAE stride {s}; "
+                             f"resize or crop to e.g. {max(s, x.shape[2] // s * s)}x{max(s, x.shape[3] // s * s)}")
+        if not torch.isfinite(x).all():
+            raise InputError("image contains NaN or inf values; clean the input (torch.nan_to_num) first")
+
+    def schedule_for(self, x_or_latent: Tensor, *, latent: bool = False) -> Schedule:
+        """The default schedule (template prefix) ending at this image's latent grid."""
+        h, w = x_or_latent.shape[-2:]
+        return schedule_for_grid(h, w) if latent else schedule_for_grid(h // self.stride, w // self.stride)
+
+    # ---- encode / quantise / decode
+
+    def encode_latent(self, x: Tensor) -> Tensor:
+        """Image [B, C, H, W] in [-1, 1] -> continuous latent [B, D, H/stride, W/stride] in fp32."""
+        self.check_image(x)
+        return self.encoder(x.to(self.encoder.conv_in.conv.weight.dtype)).float()
+
+    def quantize(self, x: Tensor, schedule: Schedule | None = None, *, prefix: int | None = None) -> QuantizerOutput:
+        """The VAE's own quantisation of an image (released ``vae.encode``)."""
+        latent = self.encode_latent(x)
+        return self.quantizer(latent, schedule or self.schedule_for(latent, latent=True), prefix=prefix)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, schedule: Schedule | None = None, *,
+               self_correction: SelfCorrectionConfig | None = None,
+               generator: torch.Generator | None = None) -> MultiScaleTokens:
+        """Image -> per-scale bit labels and the visual decoder's teacher-forcing inputs."""
+        latent = self.encode_latent(x)
+        return multiscale_bits(latent, schedule or self.schedule_for(latent, latent=True),
+                               self_correction=self_correction, generator=generator)
+
+    def decode(self, z_BDHW: Tensor) -> Tensor:
+        """Latent or summed codes [B, D, h, w] -> image [B, C, h*stride, w*stride] clamped to [-1, 1]."""
+        if z_BDHW.ndim == 5 and z_BDHW.shape[2] == 1:  # released [B, D, 1, h, w]
+            z_BDHW = z_BDHW.squeeze(2)
+        if z_BDHW.ndim != 4 or z_BDHW.shape[1] != self.cfg.codebook_dim:
+            raise InputError(f"codes must be [B, {self.cfg.codebook_dim}, h, w], got shape {tuple(z_BDHW.shape)}")
+        w = self.decoder.conv_in.conv.weight
+        return self.decoder(z_BDHW.to(w.dtype)).clamp(-1, 1)
+
+    def decode_bits(self, bits_list: Sequence[Tensor], schedule: Schedule | None = None) -> Tensor:
+        """Per-scale bits [B, h_k, w_k, D] (a prefix of a schedule is fine) -> image at the final size.
+
+        With ``schedule`` the codes are summed at its last grid, so the first k scales alone give a coarse
+        reconstruction of the full-size image.
+        """
+        size = tuple(schedule[-1][1:]) if schedule else None
+        return self.decode(sum_codes(bits_list, size))
+
+    def forward(self, x: Tensor, schedule: Schedule | None = None, *,
+                prefix: int | None = None) -> tuple[Tensor, QuantizerOutput]:
+        """Training step: (reconstruction, unclamped; quantiser output incl. the normalised residuals for losses)."""
+        q = self.quantize(x, schedule, prefix=prefix)
+        return self.decoder(q.quantized_BDHW.to(self.decoder.conv_in.conv.weight.dtype)), q

@@ -1,0 +1,426 @@
+"""Train the BSQ VAE on a folder of images (or generated ShapesWorld scenes).
+
+Recipe: square images (shorter side resized, centre crop, random horizontal flip) in [-1, 1]; the VAE's own
+multi-scale quantisation with the full schedule for the image size; loss =
+reconstruction (``l1``, ``l2`` or ``l1+l2``) + ``commitment_weight`` x commitment + ``entropy_weight`` x BSQ
+entropy term (`vargpt.models.quantizer.bsq_losses`) + ``prefix_weight`` x the reconstruction loss of the image
+decoded from the first k < K scales only (k random each step; without it the coarse scales carry almost nothing
+and the last scale everything, which is useless for next-scale prediction) + optionally ``adversarial_weight``
+x a PatchGAN hinge loss (off by default). Several sizes (``extra_sizes``) alternate step by step, each with its
+own schedule: a VAE trained at one size reconstructs poorly at another (32.9 dB at 64 px -> 20.5 dB at 128 px).
+AdamW, linear warm-up then cosine decay, gradient clipping, bf16 autocast on CUDA
+(the quantiser itself always runs in fp32, as released). Every ``ckpt_every`` steps a crash-safe checkpoint
+(`vargpt.training.checkpoint`); ``resume`` continues from the newest complete one with the same data order.
+At the end: ``OUT/model`` (model.safetensors + config.json), ``OUT/log.csv`` and ``OUT/loss.png``.
+
+The published code ships no VAE trainer (VARGPT uses the released weights frozen); the loss weights default
+to the values its VAE args carry (commitment 0.25, entropy 0.1) with our own recipe around them.
+Perceptual (LPIPS) loss is not offered: it needs pretrained weights this package does not ship.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from vargpt.config import VAEConfig, get_preset
+from vargpt.errors import CheckpointError, InputError
+from vargpt.models.quantizer import bsq_losses
+from vargpt.models.vae import BSQVAE
+from vargpt.runtime import resolve_device, resolve_dtype
+from vargpt.scales import schedule_for_size
+from vargpt.training.checkpoint import latest_checkpoint, load_model_dir, save_checkpoint, save_model_dir
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+PRELOAD_LIMIT_BYTES = 2 << 30  # decode every image once and keep it in memory below this size
+
+
+@dataclass
+class VAETrainConfig:
+    data: str  # image folder (recursive *.png/*.jpg) or "shapesworld:N"
+    out: str
+    preset: str = "tiny"
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    size: int = 64
+    extra_sizes: tuple[int, ...] = ()  # also train at these sizes (steps cycle through them, batch scaled by area)
+    recon_loss: Literal["l1", "l2", "l1+l2"] = "l1+l2"
+    commitment_weight: float = 0.25
+    entropy_weight: float = 0.1
+    adversarial_weight: float = 0.0
+    adversarial_start: int = 0  # step at which the adversarial term switches on
+    prefix_weight: float = 0.5  # also reconstruct from the first k < K scales (k random per step): coarse scales
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"  # autocast dtype: bf16 on CUDA, fp32 on CPU
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 3
+    resume: bool = False
+    progress: bool = True
+    max_minutes: float | None = None  # time budget: after 60 steps, shrink `steps` (and the LR schedule) to fit
+    vae_overrides: dict[str, Any] | None = None  # VAEConfig fields replacing the preset's (e.g. {"base_ch": 64})
+
+    def validate(self) -> None:
+        if self.recon_loss not in ("l1", "l2", "l1+l2"):
+            raise InputError(f"recon_loss {self.recon_loss!r} unknown; use l1, l2 or l1+l2")
+        for name in ("steps", "batch_size", "size", "log_every", "ckpt_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(v < 1 for v in self.extra_sizes):
+            raise InputError(f"sizes must be >= 1, got {self.extra_sizes}")
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return (self.size, *[v for v in self.extra_sizes if v != self.size])
+
+    def batch_for(self, size: int) -> int:
+        """Batch size at ``size``: ``batch_size`` at the smallest size, scaled by pixel area above it."""
+        return max(1, self.batch_size * min(self.sizes) ** 2 // size**2)
+        if self.lr <= 0:
+            raise InputError(f"lr must be > 0, got {self.lr}")
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def find_images(root: str | Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"data directory {root} does not exist; pass a folder of .png/.jpg images "
+                         "or shapesworld:N")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not paths:
+        raise InputError(f"no .png/.jpg images under {root}; pass a folder of images or shapesworld:N")
+    return paths
+
+
+def load_image(path: Path, size: int) -> Tensor:
+    """uint8 [3, size, size]: shorter side resized to ``size`` (bicubic), centre crop."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        if (w, h) != (size, size):
+            s = size / min(w, h)
+            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+            w, h = im.size
+            left, top = (w - size) // 2, (h - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+
+
+class ImageSet:
+    """Images of a folder at one square size; decoded once and cached when they fit in memory."""
+
+    def __init__(self, paths: list[Path], size: int) -> None:
+        self.paths, self.size = paths, size
+        self.cache: Tensor | None = None
+        if len(paths) * 3 * size * size <= PRELOAD_LIMIT_BYTES:
+            self.cache = torch.stack([load_image(p, size) for p in paths])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def batch(self, idx: Tensor) -> Tensor:
+        """uint8 [B, 3, size, size]."""
+        if self.cache is not None:
+            return self.cache[idx]
+        return torch.stack([load_image(self.paths[i], self.size) for i in idx.tolist()])
+
+
+def to_unit(x_uint8: Tensor, device: torch.device) -> Tensor:
+    return x_uint8.to(device, non_blocking=True).float() / 127.5 - 1
+
+
+def resolve_data(spec: str, out_dir: Path, size: int, *, split: str = "train", seed: int = 0) -> Path:
+    """A folder of images for ``spec``: the folder itself, or ``shapesworld:N`` generated under ``out_dir``."""
+    if not spec.startswith("shapesworld:"):
+        return Path(spec)
+    try:
+        n = int(spec.split(":", 1)[1])
+    except ValueError:
+        raise InputError(f"bad data spec {spec!r}; use shapesworld:N, e.g. shapesworld:2000") from None
+    try:
+        from vargpt.data.shapesworld import write_dataset
+    except ImportError:
+        raise InputError("ShapesWorld is not available in this install; pass --data DIR (a folder of images)") from None
+    target = out_dir / f"shapesworld_{split}_{n}_{size}px_seed{seed}"
+    if not (target / "records.jsonl").is_file():
+        write_dataset(target, n=n, split=split, size=size, seed=seed)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------- model I/O
+
+
+def vae_model_config(vae_cfg: VAEConfig, preset: str, sizes: tuple[int, ...]) -> dict[str, Any]:
+    return {"kind": "bsq_vae", "preset": preset, "image_size": sizes[0], "trained_sizes": list(sizes),
+            "vae": dataclasses.asdict(vae_cfg)}
+
+
+def vae_from_config(d: dict[str, Any]) -> BSQVAE:
+    if d.get("kind") != "bsq_vae" or "vae" not in d:
+        raise CheckpointError("config.json does not describe a BSQ VAE (kind 'bsq_vae'); "
+                              "pass the output directory of `vargpt train vae`")
+    v = dict(d["vae"])
+    v["ch_mult"] = tuple(v["ch_mult"])
+    cfg = VAEConfig(**v)
+    cfg.validate()
+    return BSQVAE(cfg)
+
+
+def load_vae(path: str | Path, device: str | torch.device = "cpu") -> tuple[BSQVAE, dict[str, Any]]:
+    """A trained VAE from a run directory (its ``model/``, else its newest checkpoint) or a model directory."""
+    path = Path(path)
+    if (path / "model").is_dir():
+        path = path / "model"
+    elif not (path / "model.safetensors").is_file():
+        ck = latest_checkpoint(path)
+        if ck is None:
+            raise CheckpointError(f"{path} holds no VAE (no model/, model.safetensors or complete checkpoint); "
+                                  "train one with `vargpt train vae --out DIR`")
+        path = ck.path
+    state, config = load_model_dir(path)
+    vae = vae_from_config(config)
+    missing, unexpected = vae.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match its config (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}); re-export the model")
+    return vae.to(device).eval(), config
+
+
+# ----------------------------------------------------------------------------------------------- losses
+
+
+class PatchDiscriminator(nn.Module):
+    """Small PatchGAN (3 strided convs) for the optional adversarial term."""
+
+    def __init__(self, ch: int = 64) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(ch, ch * 2, 4, 2, 1), nn.GroupNorm(32, ch * 2), nn.LeakyReLU(0.2),
+            nn.Conv2d(ch * 2, 1, 4, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def recon_loss(recon: Tensor, x: Tensor, kind: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, l1, mse) in fp32."""
+    d = recon.float() - x
+    l1, mse = d.abs().mean(), d.pow(2).mean()
+    loss = {"l1": l1, "l2": mse, "l1+l2": l1 + mse}[kind]
+    return loss, l1, mse
+
+
+def lr_at(step: int, cfg: VAETrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+# ----------------------------------------------------------------------------------------------- loop
+
+
+@dataclass
+class VAETrainResult:
+    out: Path
+    steps: int
+    final_loss: float
+    final_psnr_db: float  # on the last logged training batch
+    seconds: float
+
+
+CSV_FIELDS = ["step", "lr", "loss", "recon", "l1", "mse", "psnr_db", "commit", "entropy", "adv_g", "adv_d", "sec"]
+
+
+def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_dtype(cfg.dtype, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest convs
+    vae_cfg = get_preset(cfg.preset).vae
+    if cfg.vae_overrides:
+        bad = sorted(set(cfg.vae_overrides) - {f.name for f in dataclasses.fields(VAEConfig)})
+        if bad:
+            raise InputError(f"unknown VAE field(s) {', '.join(bad)}; allowed: "
+                             f"{', '.join(f.name for f in dataclasses.fields(VAEConfig))}")
+        vae_cfg = dataclasses.replace(vae_cfg, **cfg.vae_overrides)
+        vae_cfg.validate()
+    sizes = cfg.sizes
+    schedules = {sz: schedule_for_size(sz, sz, vae_cfg.stride) for sz in sizes}
+    paths = find_images(resolve_data(cfg.data, out / "data", max(sizes), seed=cfg.seed))
+    image_sets = {sz: ImageSet(paths, sz) for sz in sizes}
+    torch.manual_seed(cfg.seed)  # parameter init only; data order uses its own generator below
+    vae = BSQVAE(vae_cfg).to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    disc = disc_opt = None
+    if cfg.adversarial_weight > 0:
+        disc = PatchDiscriminator().to(device).train()
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model_config = vae_model_config(vae_cfg, cfg.preset, sizes)
+    start = 0
+    if cfg.resume and (ck := latest_checkpoint(out)) is not None:
+        vae.load_state_dict(ck.model_state())
+        extra = ck.optimizer_state()
+        opt.load_state_dict(extra["optimizer"])
+        gen.set_state(extra["rng"])
+        if disc is not None and extra.get("disc") is not None:
+            disc.load_state_dict(extra["disc"])
+            disc_opt.load_state_dict(extra["disc_opt"])
+        start = ck.step
+
+    log_path = out / "log.csv"
+    if start == 0 or not log_path.is_file():
+        with open(log_path, "w", newline="") as f:
+            csv.writer(f).writerow(CSV_FIELDS)
+    else:  # drop log rows past the checkpoint we resume from
+        with open(log_path) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
+        with open(log_path, "w", newline="") as f:
+            w = csv.DictWriter(f, CSV_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def save(step: int) -> None:
+        extra = {"optimizer": opt.state_dict(), "rng": gen.get_state(),
+                 "disc": disc.state_dict() if disc is not None else None,
+                 "disc_opt": disc_opt.state_dict() if disc_opt is not None else None}
+        save_checkpoint(out, step, model_state=vae.state_dict(), optimizer_state=extra,
+                        state={"train_config": dataclasses.asdict(cfg)}, config=model_config, keep_last=cfg.keep_last)
+
+    perm, pos = torch.randperm(len(paths), generator=gen), 0
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+    t0, last = time.time(), {"loss": float("nan"), "psnr_db": float("nan")}
+    bar = range(start, cfg.steps)
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(bar, initial=start, total=cfg.steps, desc="train vae", dynamic_ncols=True)
+    fit_from = start + 10  # time budget: steps are timed from here (warm), the plan refitted every 100 steps
+    for step in bar:
+        if step == fit_from:
+            t_fit = time.time()
+        if cfg.max_minutes and step > fit_from and (step - fit_from) % 100 == 50 and step < cfg.steps:
+            per_step = (time.time() - t_fit) / (step - fit_from)
+            left = int((cfg.max_minutes * 60 - (time.time() - t0)) / per_step)
+            cfg.steps = max(step + 1, min(cfg.steps, step + left))
+            if cfg.progress:
+                bar.total = cfg.steps
+        if cfg.max_minutes and step > start and time.time() - t0 > cfg.max_minutes * 60:
+            cfg.steps = step  # hard stop; the checkpoint below is written at the step reached
+        if step >= cfg.steps:
+            break
+        size = sizes[step % len(sizes)]
+        bs, idx = cfg.batch_for(size), []
+        while len(idx) < bs:  # epoch-wise permutation, reproducible across resumes
+            if pos >= len(perm):
+                perm, pos = torch.randperm(len(paths), generator=gen), 0
+            take = perm[pos:pos + bs - len(idx)]
+            idx.extend(take.tolist())
+            pos += len(take)
+        flip = torch.rand(bs, generator=gen) < 0.5
+        k_prefix = int(torch.randint(1, len(schedules[size]), (1,), generator=gen)) if cfg.prefix_weight > 0 else None
+        x = to_unit(image_sets[size].batch(torch.tensor(idx)), device)
+        x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with autocast:
+            recon, q = vae(x, schedules[size], prefix=k_prefix)
+            recon_prefix = vae.decoder(q.prefix_BDHW) if k_prefix else None
+        rec, l1, mse = recon_loss(recon, x, cfg.recon_loss)
+        commit, entropy = bsq_losses(q.z)
+        loss = rec + cfg.commitment_weight * commit + cfg.entropy_weight * entropy
+        if recon_prefix is not None:
+            loss = loss + cfg.prefix_weight * recon_loss(recon_prefix, x, cfg.recon_loss)[0]
+        adv_g = adv_d = torch.zeros((), device=device)
+        use_adv = disc is not None and step >= cfg.adversarial_start
+        if use_adv:
+            with autocast:
+                adv_g = -disc(recon).float().mean()
+            loss = loss + cfg.adversarial_weight * adv_g
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        opt.step()
+        if use_adv:
+            with autocast:
+                adv_d = (F.relu(1 - disc(x)).float().mean() + F.relu(1 + disc(recon.detach())).float().mean()) / 2
+            disc_opt.zero_grad(set_to_none=True)
+            adv_d.backward()
+            disc_opt.step()
+
+        if not math.isfinite(loss.item()):
+            raise InputError(f"training diverged at step {step + 1} (loss {loss.item()}); lower --lr")
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            psnr = (10 * torch.log10(4.0 / mse.clamp_min(1e-12))).item()  # [-1, 1] range -> peak-to-peak 2
+            last = {"loss": loss.item(), "psnr_db": psnr}
+            row = [done, f"{lr:.3e}", f"{loss.item():.6f}", f"{rec.item():.6f}", f"{l1.item():.6f}",
+                   f"{mse.item():.6f}", f"{psnr:.3f}", f"{commit.item():.6f}", f"{entropy.item():.6f}",
+                   f"{adv_g.item():.6f}", f"{adv_d.item():.6f}", f"{time.time() - t0:.1f}"]
+            with open(log_path, "a", newline="") as f:
+                csv.writer(f).writerow(row)
+            if cfg.progress:
+                bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.2f}")
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            save(done)
+
+    if latest_checkpoint(out) is None or latest_checkpoint(out).step != cfg.steps:  # hard stop by time
+        save(cfg.steps)
+    save_model_dir(out / "model", vae.state_dict(), model_config)
+    plot_log(log_path, out / "loss.png")
+    return VAETrainResult(out, cfg.steps, last["loss"], last["psnr_db"], time.time() - t0)
+
+
+def plot_log(log_csv: Path, png: Path) -> None:
+    """Loss and training-batch PSNR against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(log_csv) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    step = [int(r["step"]) for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for key in ("loss", "recon", "commit"):
+        a.plot(step, [float(r[key]) for r in rows], label=key)
+    a.set_yscale("log")
+    a.set_xlabel("step")
+    a.legend()
+    a.set_title("VAE training loss")
+    b.plot(step, [float(r["psnr_db"]) for r in rows])
+    b.set_xlabel("step")
+    b.set_ylabel("PSNR (dB, training batch)")
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

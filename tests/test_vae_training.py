@@ -1,0 +1,168 @@
+"""VAE training loop, checkpoints, evaluation report and the CLI entry points (tiny sizes, CPU, seconds)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vargpt.cli import main
+from vargpt.errors import CheckpointError, InputError
+from vargpt.eval.vae import bit_usage, evaluate_vae, psnr_ssim
+from vargpt.training.checkpoint import (
+    atomic_write_json,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model_dir,
+    save_checkpoint,
+)
+from vargpt.training.vae import VAETrainConfig, find_images, load_vae, train_vae
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tiny convs are fastest single-threaded, and other test processes may share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _write_images(d, n=6, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    (d / "sub").mkdir(parents=True)
+    for i in range(n):
+        a = np.zeros((size, size, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
+        y, x = rng.integers(0, size // 2, 2)
+        a[y:y + size // 2, x:x + size // 2] = rng.integers(0, 255, 3, dtype=np.uint8)
+        Image.fromarray(a).save(d / ("sub" if i % 2 else "") / f"{i}.{'png' if i % 3 else 'jpg'}")
+    return d
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_keep_last_and_ignore_incomplete(tmp_path):
+    sd = {"w": torch.arange(4.0)}
+    for step in (10, 20, 30):
+        save_checkpoint(tmp_path, step, model_state={"w": sd["w"] + step}, optimizer_state={"m": step},
+                        state={"x": 1}, config={"kind": "t"}, keep_last=2)
+    assert [c.step for c in list_checkpoints(tmp_path)] == [20, 30]
+    # a crashed save: temp dir and a step dir without COMPLETE are ignored
+    (tmp_path / "checkpoints" / ".tmp-step_00000040-abc").mkdir()
+    (tmp_path / "checkpoints" / "step_00000050").mkdir()
+    ck = latest_checkpoint(tmp_path)
+    assert ck.step == 30 and ck.state() == {"step": 30, "x": 1} and ck.optimizer_state() == {"m": 30}
+    assert torch.equal(ck.model_state()["w"], sd["w"] + 30)
+    save_checkpoint(tmp_path, 60, model_state=sd, keep_last=2)
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert [c.step for c in list_checkpoints(tmp_path)] == [30, 60]
+    with pytest.raises(CheckpointError):
+        save_checkpoint(tmp_path, 70, model_state=sd, keep_last=0)
+
+
+def test_atomic_json_and_model_dir_errors(tmp_path):
+    atomic_write_json(tmp_path / "a" / "r.json", {"k": 1})
+    assert json.loads((tmp_path / "a" / "r.json").read_text()) == {"k": 1}
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["r.json"]
+    with pytest.raises(CheckpointError, match="not a model directory"):
+        load_model_dir(tmp_path / "a")
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def _cfg(tmp_path, data, **kw):
+    base = dict(data=str(data), out=str(tmp_path / "run"), steps=40, batch_size=4, lr=2e-3, warmup_steps=5,
+                size=16, log_every=5, ckpt_every=20, progress=False, device="cpu")
+    base.update(kw)
+    return VAETrainConfig(**base)
+
+
+def test_training_loss_falls_and_outputs(tmp_path):
+    data = _write_images(tmp_path / "imgs")
+    assert len(find_images(data)) == 6
+    res = train_vae(_cfg(tmp_path, data))
+    rows = (res.out / "log.csv").read_text().splitlines()[1:]
+    losses = [float(r.split(",")[2]) for r in rows]
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-2:]) < 0.85 * np.mean(losses[:2])
+    assert (res.out / "loss.png").stat().st_size > 0
+    vae, cfg = load_vae(res.out)
+    assert cfg["preset"] == "tiny" and vae.cfg.codebook_dim == 16
+    assert [c.step for c in list_checkpoints(res.out)] == [20, 40]
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    data = _write_images(tmp_path / "imgs")
+    full = train_vae(_cfg(tmp_path, data, steps=12, ckpt_every=6, out=str(tmp_path / "full")))
+    part = _cfg(tmp_path, data, steps=6, ckpt_every=6, out=str(tmp_path / "part"))
+    train_vae(part)
+    part.steps, part.resume = 12, True
+    train_vae(part)
+    a = load_vae(full.out)[0].state_dict()
+    b = load_vae(tmp_path / "part")[0].state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    steps = [int(r.split(",")[0]) for r in (tmp_path / "part" / "log.csv").read_text().splitlines()[1:]]
+    assert steps == [5, 6, 10, 12]  # every 5 steps and at the end of each run
+
+
+def test_bad_training_inputs(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        train_vae(_cfg(tmp_path, tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no .png/.jpg"):
+        train_vae(_cfg(tmp_path, tmp_path / "empty"))
+    with pytest.raises(InputError, match="shapesworld:N"):
+        train_vae(_cfg(tmp_path, "shapesworld:many"))
+    with pytest.raises(InputError, match="recon_loss"):
+        train_vae(_cfg(tmp_path, tmp_path, recon_loss="l3"))
+    with pytest.raises(InputError, match="not a multiple of the VAE stride"):
+        train_vae(_cfg(tmp_path, _write_images(tmp_path / "imgs"), size=20))
+
+
+# ----------------------------------------------------------------------------------------------- eval
+
+
+def test_metrics():
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    y = (x + 0.02).clamp(-1, 1)
+    p, s = psnr_ssim(y, x)
+    assert 39 < p[0] < 41 and 0.9 < s[0] <= 1.0  # error 0.01 in [0, 1] -> 40 dB
+    bits = torch.zeros(2, 2, 2, 4, dtype=torch.uint8)
+    bits[0, :, :, 0] = 1
+    u = bit_usage([bits])[0]
+    assert u["ones_frac"] == 0.125 and u["unique_code_frac"] == 0.25 and 0.2 < u["bit_entropy"] < 0.3
+
+
+def test_evaluate_vae_report_shapes():
+    from vargpt.config import tiny_config
+    from vargpt.models.vae import BSQVAE
+
+    vae = BSQVAE(tiny_config().vae).eval()
+    imgs = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    rep = evaluate_vae(vae, imgs, batch_size=2)
+    assert rep["n_images"] == 3 and len(rep["psnr_db_by_scales"]) == len(rep["schedule"]) == 3
+    assert rep["psnr_db"] == rep["psnr_db_by_scales"][-1]
+    assert len(rep["bit_usage"]) == 3 and rep["bit_usage"][0]["positions"] == 3
+
+
+def test_cli_train_and_eval(tmp_path, capsys):
+    data = _write_images(tmp_path / "imgs")
+    out = tmp_path / "run"
+    main(["train", "vae", "--data", str(data), "--out", str(out), "--steps", "3", "--batch-size", "2",
+          "--size", "16,32", "--device", "cpu"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 3
+    assert json.loads((out / "model" / "config.json").read_text())["trained_sizes"] == [16, 32]
+    report = tmp_path / "rep" / "vae.json"
+    main(["eval", "vae", "--model", str(out), "--data", str(data), "--json", str(report), "--size", "16",
+          "--device", "cpu"])
+    rep = json.loads(report.read_text())
+    assert {"psnr_db", "ssim", "psnr_db_by_scales", "bit_usage"} <= set(rep)
+    assert (tmp_path / "rep" / "vae_recon.png").is_file() and (tmp_path / "rep" / "vae_psnr_by_scales.png").is_file()
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "vae", "--model", str(tmp_path / "nothing"), "--json", str(report)])
+    assert e.value.code == 2
+    assert "train one with" in capsys.readouterr().err
