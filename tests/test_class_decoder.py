@@ -1,6 +1,5 @@
 """Class-conditional decoder: learns labels' bits, samples with CFG, the CPU training entry point runs."""
 
-import pytest
 import torch
 
 from vargpt.config import DecoderConfig, SamplingConfig
@@ -11,14 +10,6 @@ from vargpt.training.class_decoder import ClassDecoderTrainConfig, make_class_im
 
 SCHED = schedule_for_grid(4, 4)  # 3 scales, 21 tokens
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and much faster on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_learns_class_bits_and_samples():

@@ -9,20 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vargpt.cli import main
+from conftest import run_cli
 from vargpt.data.scene import Obj, Scene, render
 from vargpt.errors import InputError
 from vargpt.imageio import load_image
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -33,7 +23,7 @@ def good_png(tmp_path):
 
 
 def test_data_shapesworld_writes_records(tmp_path, capsys):
-    code, out, _ = _run(capsys, "data", "shapesworld", "--out", str(tmp_path / "d"), "--n", "6", "--split", "test",
+    code, out, _ = run_cli(capsys, "data", "shapesworld", "--out", str(tmp_path / "d"), "--n", "6", "--split", "test",
                         "--size", "64", "--tasks", "t2i,dpo")
     assert code == 0
     summary = json.loads(out.strip().splitlines()[-1])
@@ -43,21 +33,21 @@ def test_data_shapesworld_writes_records(tmp_path, capsys):
 
 
 def test_check_prints_a_verdict_per_image(tmp_path, capsys, good_png):
-    code, out, _ = _run(capsys, "check", "--prompt", "a red circle to the left of a blue square", str(good_png),
+    code, out, _ = run_cli(capsys, "check", "--prompt", "a red circle to the left of a blue square", str(good_png),
                         str(good_png))
     assert code == 0
     verdicts = [json.loads(line) for line in out.strip().splitlines()]
     assert len(verdicts) == 2
     assert verdicts[0]["image"] == str(good_png) and verdicts[0]["score"] == 1.0
     assert verdicts[0]["category"] == "position"
-    code, out, _ = _run(capsys, "check", "--prompt", "three crosses", str(good_png))
+    code, out, _ = run_cli(capsys, "check", "--prompt", "three crosses", str(good_png))
     assert json.loads(out)["score"] == 0.0 and json.loads(out)["category"] == "counting"
 
 
 def test_check_edit_mode(tmp_path, capsys, good_png):
     edited = tmp_path / "edited.png"
     render(Scene((Obj("square", "blue", "large", 0.83, 0.5),)), 128).save(edited)
-    code, out, _ = _run(capsys, "check", "--source", str(good_png), "--instruction", "Remove the red circle.",
+    code, out, _ = run_cli(capsys, "check", "--source", str(good_png), "--instruction", "Remove the red circle.",
                         str(edited))
     verdict = json.loads(out)
     assert code == 0 and verdict["score"] == 1.0 and verdict["category"] == "remove"
@@ -88,7 +78,7 @@ def _bad_inputs(tmp_path, good_png) -> dict[str, tuple[list[str], str]]:
                                   "unparseable prompt"])
 def test_check_bad_input_is_one_clear_line(tmp_path, capsys, good_png, case):
     args, needle = _bad_inputs(tmp_path, good_png)[case]
-    code, out, err = _run(capsys, "check", *args, str(good_png))
+    code, out, err = run_cli(capsys, "check", *args, str(good_png))
     assert code != 0
     assert out == ""
     lines = err.strip().splitlines()

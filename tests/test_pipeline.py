@@ -5,32 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from vargpt.config import tiny_config
 from vargpt.errors import InputError, VargptError
-from vargpt.models.vargpt import VARGPT
 from vargpt.pipeline import GenerationInterrupted, VARGPTPipeline, default_model_dir
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    return VARGPT(tiny_config()).save_pretrained(tmp_path_factory.mktemp("pipe") / "model")
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir) -> VARGPTPipeline:
-    return VARGPTPipeline.from_pretrained(model_dir, device="cpu", progress=False)
+def pipe(tiny_model_dir) -> VARGPTPipeline:
+    return VARGPTPipeline.from_pretrained(tiny_model_dir, device="cpu", progress=False)
 
 
 def test_generate_images_reproducible_and_prompt_major(pipe):

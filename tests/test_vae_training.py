@@ -21,15 +21,6 @@ from vargpt.training.checkpoint import (
 from vargpt.training.vae import VAETrainConfig, find_images, load_vae, train_vae
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny convs are fastest single-threaded, and other test processes may share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _write_images(d, n=6, size=16, seed=0):
     rng = np.random.default_rng(seed)
     (d / "sub").mkdir(parents=True)

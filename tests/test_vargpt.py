@@ -27,14 +27,6 @@ from vargpt.processing import VARGPTProcessor
 from vargpt.scales import padded_tokens, schedule_for_size
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def fixture_model(fixtures_dir, fixture_config) -> VARGPT:
     return VARGPT.from_pretrained(fixtures_dir, config=fixture_config,

@@ -44,14 +44,6 @@ from vargpt.weights import load_into, released_to_vlm_keys, select_prefix
 SCHED_256 = scale_schedule("0.06M")  # 7 scales, 521 tokens (fixtures b and d)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster, and much faster on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _close_tokens(got: torch.Tensor, ref: torch.Tensor) -> float:
     """Fraction of tokens (last axis = one token's logits) within atol 1e-5 / rtol 1e-4."""

@@ -1,0 +1,88 @@
+"""Recipes: YAML + overrides, typed validation, presets, the shipped recipes."""
+
+from pathlib import Path
+
+import pytest
+
+from vargpt.errors import ConfigError
+from vargpt.training.recipe import FREEZE_PRESETS, MODULES, load_recipe, trainable_modules
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+BASE = """
+name: t
+model: {preset: tiny}
+data:
+  sources: [{path: data/x, format: shapesworld}]
+trainable: generation
+"""
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path):
+    r = load_recipe(path)
+    assert r.name == path.stem and set(trainable_modules(r)) <= set(MODULES)
+
+
+def test_shipped_recipe_set_is_complete():
+    names = {p.stem for p in RECIPES.glob("*.yaml")}
+    assert {"stage1_projector_pretrain", "stage2_instruction_tuning", "stage3a_256px", "stage3b_512px",
+            "stage3c_dpo", "stage3d_edit", "tiny_3a_64px", "tiny_3b_128px", "tiny_dpo", "tiny_edit",
+            "tiny_understanding"} <= names
+    r = load_recipe(RECIPES / "stage3a_256px.yaml")  # shipped SFT yaml values (reference-facts 8.4)
+    assert (r.optim.lr, r.schedule.kind, r.schedule.warmup_ratio, r.grad_accum, r.precision, r.max_steps) == (
+        5e-5, "cosine", 0.1, 2, "bf16", 40000)
+    assert load_recipe(RECIPES / "stage3b_512px.yaml").data.image_size == 512
+
+
+def test_overrides_are_typed(tmp_path):
+    r = load_recipe(_write(tmp_path, BASE), ["optim.lr=3e-4", "data.sources.0.weight=2", "trainable=[model,lm_head]",
+                                             "optim.betas=[0.9,0.95]", "max_steps=7", "precision=bf16"])
+    assert r.optim.lr == 3e-4 and r.data.sources[0].weight == 2.0 and r.trainable == ["model", "lm_head"]
+    assert r.optim.betas == (0.9, 0.95) and r.max_steps == 7 and r.precision == "bf16"
+
+
+@pytest.mark.parametrize("override, words", [
+    ("optim.lrr=1", ["optim.lrr"]),
+    ("bogus=1", ["bogus"]),
+    ("data.sources.0.colour=red", ["data.sources.0.colour"]),
+    ("trainable=[model,decoder]", ["decoder"]),
+    ("trainable=stage9", ["stage9"]),
+    ("optim.lr=fast", ["optim.lr"]),
+    ("precision=fp8", ["precision", "bf16"]),
+    ("batch_size=0", ["batch_size"]),
+    ("data.sources.3.weight=1", ["data.sources.3"]),
+    ("stage=rlhf", ["stage"]),
+])
+def test_bad_fields_name_themselves(tmp_path, override, words):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(_write(tmp_path, BASE), [override])
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words)
+
+
+def test_unknown_field_in_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="schedule.warmup"):
+        load_recipe(_write(tmp_path, BASE + "schedule: {warmup: 0.1}\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(_write(tmp_path, "a: [\n"))
+    with pytest.raises(ConfigError, match="no such recipe"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_released_freezing_table_presets():
+    frozen = {  # reference-facts 8.3: vargpt_train_stage -> frozen modules
+        0: {"model", "lm_head", "visual", "vae_local"},
+        1: {"model", "lm_head", "visual", "vae_local", "vargpt_gen"},
+        2: {"visual", "vae_local", "vargpt_gen", "sos_embedding", "image_gen_projector", "image_gen_projector_out"},
+        3: {"model", "lm_head", "visual", "vae_local"},
+        4: {"visual", "vae_local"},
+        5: {"vae_local"},
+    }
+    for stage, names in frozen.items():
+        assert set(FREEZE_PRESETS[f"released_stage{stage}"]) == set(MODULES) - names
