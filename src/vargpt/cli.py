@@ -27,6 +27,24 @@ app = typer.Typer(
 data_app = typer.Typer(help="Build datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
+
+class _RecipeGroup(typer.core.TyperGroup):
+    """``vargpt train --recipe FILE key.sub=value ...``: words holding ``=`` are recipe overrides, unless the first
+    word names a subcommand (``vargpt train vae ...``), whose arguments stay untouched."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands:
+            ctx.meta["recipe_overrides"] = [a for a in args if "=" in a and not a.startswith("-")]
+            args = [a for a in args if not ("=" in a and not a.startswith("-"))]
+        return super().parse_args(ctx, args)
+
+
+train_app = typer.Typer(help="Train models: `vargpt train --recipe FILE key.sub=value ... --resume`, or the VAE.",
+                        no_args_is_help=True, cls=_RecipeGroup)
+app.add_typer(train_app, name="train")
+eval_app = typer.Typer(help="Evaluate models and write JSON reports.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
 EXIT_USER_ERROR = 2
 
 
@@ -56,12 +74,279 @@ def data_shapesworld(
     split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "train",
     size: Annotated[int, typer.Option("--size", help="Image size in pixels: 64, 128, 256 or 512.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Dataset seed (same seed -> same bytes).")] = 0,
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: caption,vqa,t2i,edit,dpo.")] = "",
 ) -> None:
     """Write a ShapesWorld dataset: DIR/records.jsonl and the images beside it."""
-    from vargpt.data.shapesworld import write_dataset
+    from vargpt.data.shapesworld import TASKS, write_dataset
 
-    summary = write_dataset(out, n=n, split=split, size=size, seed=seed)
+    chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) or TASKS
+    summary = write_dataset(out, n=n, split=split, size=size, seed=seed, tasks=chosen)
     typer.echo(json.dumps(summary))
+
+
+# ----------------------------------------------------------------------------------------------- check
+
+
+@app.command("check")
+def check(
+    images: Annotated[list[Path], typer.Argument(help="Images to score.")],
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Generation prompt the images should show.")] = None,
+    source: Annotated[Path | None, typer.Option("--source", help="Edit mode: the image before the edit.")] = None,
+    instruction: Annotated[str | None, typer.Option("--instruction", help="Edit mode: the edit instruction.")] = None,
+) -> None:
+    """Score images with the ShapesWorld checker: one JSON verdict per image (image, score, category)."""
+    from vargpt.errors import InputError
+    from vargpt.eval.checker import check_image, score_edit
+    from vargpt.imageio import load_image
+
+    if (source is None) != (instruction is None):
+        raise InputError("edit mode needs both --source IMAGE and --instruction TEXT")
+    if (source is None) == (prompt is None):
+        raise InputError("give either --prompt TEXT or --source IMAGE --instruction TEXT (to check edits)")
+    if prompt is not None and not prompt.strip():
+        raise InputError("the prompt is empty; give one like --prompt 'a red circle'")
+    src = load_image(source) if source is not None else None
+    loaded = [load_image(path) for path in images]  # every input is checked before anything is printed
+    for path, image in zip(images, loaded, strict=True):
+        if src is not None:
+            v = score_edit(src, instruction, image)
+            verdict = {"score": v.score, "category": v.kind, "satisfied": v.satisfied, "preserved": v.preserved}
+        else:
+            verdict = check_image(image, prompt)
+        typer.echo(json.dumps({"image": str(path), **verdict}))
+
+
+# ----------------------------------------------------------------------------------------------- vae
+
+
+@train_app.callback(invoke_without_command=True)
+def train_cmd(
+    ctx: typer.Context,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe YAML (see recipes/); then key.sub=value "
+                                                "overrides, e.g. optim.lr=1e-4 max_steps=100.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
+    model: Annotated[str | None, typer.Option("--model", help="Start from this model directory "
+                                              "(= model.checkpoint=DIR).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto (GPUs per the launcher) or cpu.")] = "auto",
+    dtype: Annotated[str | None, typer.Option("--dtype", help="fp32 or bf16 (= precision=...).")] = None,
+) -> None:
+    """Train the unified model with a recipe (`--recipe`), or a component (subcommands)."""
+    if ctx.invoked_subcommand is not None:
+        if recipe is not None:
+            from vargpt.errors import InputError
+
+            raise InputError("--recipe runs the main trainer; do not combine it with a subcommand")
+        return
+    if recipe is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(2)
+    from vargpt.training.recipe import load_recipe
+    from vargpt.training.trainer import train
+
+    overrides = list(ctx.meta.get("recipe_overrides", []))
+    overrides += [f"model.checkpoint={model}"] if model else []
+    overrides += [f"precision={dtype}"] if dtype else []
+    res = train(load_recipe(recipe, overrides), resume=resume, device=device)
+    if res.main_process:
+        typer.echo(json.dumps({"out": str(res.run_dir), "model": str(res.model_dir), "steps": res.steps,
+                               "final_loss": res.final_loss, "skipped_records": res.skipped_records,
+                               "seconds": round(res.seconds, 1)}))
+
+
+@train_app.command("vae")
+def train_vae_cmd(
+    data: Annotated[str, typer.Option("--data", help="Folder of .png/.jpg images (recursive) or shapesworld:N.")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory: checkpoints/, model/, log.csv, loss.png.")],
+    preset: Annotated[str, typer.Option("--preset", help="VAE sizes from this preset: tiny or official.")] = "tiny",
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps in total.")] = 2000,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, cosine decay).")] = 1e-3,
+    size: Annotated[str, typer.Option("--size", help="Square training size in pixels; several, e.g. 64,128, "
+                                      "alternate step by step.")] = "64",
+    recon: Annotated[str, typer.Option("--recon", help="Reconstruction loss: l1, l2 or l1+l2.")] = "l1+l2",
+    adversarial_weight: Annotated[float, typer.Option("--adversarial-weight", help="PatchGAN term (0 = off).")] = 0.0,
+    prefix_weight: Annotated[float, typer.Option("--prefix-weight", help="Weight of the reconstruction from the "
+                                                 "first k scales (k random), which makes coarse scales carry "
+                                                 "a coarse image (0 = off).")] = 0.5,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="Autocast dtype: auto (bf16 on CUDA), fp32, bf16.")] = "auto",
+    ckpt_every: Annotated[int, typer.Option("--ckpt-every", min=1)] = 500,
+    keep_last: Annotated[int, typer.Option("--keep-last", min=1, help="Checkpoints kept.")] = 3,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
+    max_minutes: Annotated[float | None, typer.Option("--max-minutes", help="Shrink --steps to fit this time.")] = None,
+    vae: Annotated[list[str] | None, typer.Option("--vae", help="Override a VAE size: KEY=VALUE, repeatable "
+                                                  "(e.g. --vae base_ch=64 --vae ch_mult=1,1,2,2).")] = None,
+) -> None:
+    """Train the BSQ VAE (reconstruction + commitment/entropy); writes OUT/model for `vargpt eval vae`."""
+    from vargpt.errors import InputError
+    from vargpt.training.vae import VAETrainConfig, train_vae
+
+    try:
+        sizes = [int(v) for v in size.split(",")]
+    except ValueError:
+        raise InputError(f"--size {size!r}: expected an integer or a comma-separated list, e.g. 64,128") from None
+    overrides = {}
+    for item in vae or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--vae {item!r}: expected KEY=VALUE, e.g. --vae base_ch=64")
+        nums = [int(v) for v in value.split(",") if v.strip().lstrip("-").isdigit()]
+        if len(nums) != len(value.split(",")):
+            raise InputError(f"--vae {item!r}: VALUE must be an integer or a comma-separated list of integers")
+        overrides[key] = tuple(nums) if "," in value else nums[0]
+    res = train_vae(VAETrainConfig(data=data, out=str(out), preset=preset, steps=steps, batch_size=batch_size,
+                                   lr=lr, size=sizes[0], extra_sizes=tuple(sizes[1:]), recon_loss=recon,
+                                   adversarial_weight=adversarial_weight, prefix_weight=prefix_weight,
+                                   device=device, dtype=dtype, ckpt_every=ckpt_every, keep_last=keep_last,
+                                   seed=seed, resume=resume, max_minutes=max_minutes,
+                                   vae_overrides=overrides or None))
+    typer.echo(json.dumps({"out": str(res.out), "steps": res.steps, "final_loss": res.final_loss,
+                           "final_train_psnr_db": res.final_psnr_db, "seconds": round(res.seconds, 1)}))
+
+
+@eval_app.command("vae")
+def eval_vae_cmd(
+    json_path: Annotated[Path, typer.Option("--json", help="Report path; pictures are written beside it.")],
+    model: Annotated[Path, typer.Option("--model", help="Output directory of `vargpt train vae`.")] = Path(
+        "runs/vae"),
+    data: Annotated[str, typer.Option("--data", help="Image folder or shapesworld:N (test split).")] = (
+        "shapesworld:64"),
+    size: Annotated[int, typer.Option("--size", help="Square evaluation size in pixels.")] = 64,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many images.")] = 256,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+) -> None:
+    """PSNR/SSIM per number of scales, bit usage, reconstruction pictures and a PSNR-vs-k plot."""
+    from vargpt.eval.vae import run_eval
+
+    rep = run_eval(model, data, json_path, size=size, limit=limit, device=device)
+    typer.echo(json.dumps({k: rep[k] for k in ("psnr_db", "ssim", "psnr_db_by_scales", "n_images", "size")}))
+
+
+# ----------------------------------------------------------------------------------------------- model commands
+
+_MODEL_HELP = "Checkpoint directory (ours or the released layout); default: the embedded model."
+_DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+_DTYPE_HELP = "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."
+
+
+def _pipeline(model: Path | None, device: str, dtype: str):
+    from vargpt.pipeline import VARGPTPipeline
+
+    return VARGPTPipeline.from_pretrained(model, device=device, dtype=dtype)
+
+
+def _out_paths(out: Path, count: int) -> list[Path]:
+    """One image: ``out`` is the file (``.png`` added if it has no suffix). More: ``out`` is a directory."""
+    if count == 1 and not out.is_dir():
+        return [out if out.suffix else out.with_suffix(".png")]
+    return [out / f"{i:04d}.png" for i in range(count)]
+
+
+def _save(images: list, out: Path) -> None:
+    from vargpt.errors import InputError
+
+    paths = _out_paths(out, len(images))
+    try:
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        for img, path in zip(images, paths, strict=True):
+            img.save(path, format="PNG")
+    except OSError as e:
+        raise InputError(f"cannot write {paths[0].parent}: {e.strerror or e}; choose another --out") from None
+    for path in paths:
+        typer.echo(str(path))
+
+
+@app.command("generate")
+def generate_cmd(
+    prompts: Annotated[list[str], typer.Argument(help="One or more prompts.")],
+    out: Annotated[Path, typer.Option("--out", help="PNG file for one image, else a directory.")],
+    size: Annotated[int | None, typer.Option("--size", help="Square size in pixels (default: the model's).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Image i uses seed + i.")] = 0,
+    cfg: Annotated[float | None, typer.Option("--cfg", help="Classifier-free guidance (default: the model's).")] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Images per prompt.")] = 1,
+    model: Annotated[Path | None, typer.Option("--model", help=_MODEL_HELP)] = None,
+    device: Annotated[str, typer.Option("--device", help=_DEVICE_HELP)] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help=_DTYPE_HELP)] = "auto",
+) -> None:
+    """Generate images from text prompts and write them as PNG."""
+    _save(_pipeline(model, device, dtype).generate(prompts, seed=seed, cfg=cfg, size=size, n=n), out)
+
+
+@app.command("edit")
+def edit_cmd(
+    instruction: Annotated[str, typer.Argument(help="What to change, e.g. 'make the circle blue'.")],
+    image: Annotated[Path, typer.Option("--image", help="The image to edit.")],
+    out: Annotated[Path, typer.Option("--out", help="Output PNG file.")],
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    cfg: Annotated[float | None, typer.Option("--cfg", help="Classifier-free guidance (default: the model's).")] = None,
+    model: Annotated[Path | None, typer.Option("--model", help=_MODEL_HELP)] = None,
+    device: Annotated[str, typer.Option("--device", help=_DEVICE_HELP)] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help=_DTYPE_HELP)] = "auto",
+) -> None:
+    """Edit an image by an instruction and write the result as PNG."""
+    from vargpt.imageio import load_image
+
+    source = load_image(image)
+    _save([_pipeline(model, device, dtype).edit(source, instruction, seed=seed, cfg=cfg)], out)
+
+
+@app.command("chat")
+def chat_cmd(
+    question: Annotated[str | None, typer.Argument(help="The question; none: an interactive session.")] = None,
+    image: Annotated[list[Path] | None, typer.Option("--image", help="Image(s) to talk about (repeatable).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    model: Annotated[Path | None, typer.Option("--model", help=_MODEL_HELP)] = None,
+    device: Annotated[str, typer.Option("--device", help=_DEVICE_HELP)] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help=_DTYPE_HELP)] = "auto",
+) -> None:
+    """Answer a question about image(s); without a question, an interactive chat (empty line or Ctrl-D ends it)."""
+    from vargpt.imageio import load_image
+    from vargpt.processing import IMAGE_PLACEHOLDER
+
+    images = [load_image(p) for p in image or []]
+    pipe = _pipeline(model, device, dtype)
+    if question is not None:
+        typer.echo(pipe.chat(question, images, max_new_tokens=max_new_tokens))
+        return
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        content = line
+        if not history and images and IMAGE_PLACEHOLDER not in line:
+            content = IMAGE_PLACEHOLDER * len(images) + "\n" + line
+        history.append({"role": "user", "content": content})
+        answer = ""
+        for piece in pipe.chat_stream(history, images, max_new_tokens=max_new_tokens):
+            answer += piece
+            typer.echo(piece, nl=False)
+        typer.echo("")
+        history.append({"role": "assistant", "content": answer})
+
+
+@app.command("convert")
+def convert_cmd(
+    src: Annotated[Path, typer.Argument(help="Checkpoint directory (released layout or ours).")],
+    dst: Annotated[Path, typer.Argument(help="Output directory.")],
+    to: Annotated[str | None, typer.Option("--to", help="Target layout: released or vargpt (default: the other).")]
+    = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="e.g. 5GB, 500MB.")] = "5GB",
+    device: Annotated[str, typer.Option("--device", help="Where the weights pass through (cpu is enough).")] = "cpu",
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Cast to fp32, bf16 or fp16 (default: keep).")] = None,
+) -> None:
+    """Convert a checkpoint between the released VARGPT-v1.1 layout and ours (weights keep their dtype)."""
+    from vargpt.errors import InputError
+    from vargpt.models.vargpt import convert_checkpoint
+
+    if to not in (None, "released", "vargpt"):
+        raise InputError(f"--to {to!r}: use released or vargpt")
+    layout = convert_checkpoint(src, dst, layout=to, max_shard_size=max_shard_size, dtype=dtype, device=device)
+    typer.echo(json.dumps({"src": str(src), "dst": str(dst), "layout": layout}))
 
 
 # ----------------------------------------------------------------------------------------------- entry
