@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q "torch==2.13.0" -e ".[test,train]"
 ruff check .
-python -m pytest -x -q tests
+python -m pytest -x tests
