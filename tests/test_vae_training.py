@@ -157,3 +157,8 @@ def test_cli_train_and_eval(tmp_path, capsys):
         main(["eval", "vae", "--model", str(tmp_path / "nothing"), "--json", str(report)])
     assert e.value.code == 2
     assert "train one with" in capsys.readouterr().err
+
+
+def test_non_positive_lr_is_refused(tmp_path):
+    with pytest.raises(InputError, match="lr must be > 0"):
+        VAETrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), lr=0.0).validate()

@@ -11,7 +11,8 @@ What a recipe holds: where the data come from (`DataSource`: path, format, weigh
 ``dpo`` runs the preference loop, every other stage the model's own training losses), the trainable modules (the
 released top-level module names, optionally dotted for a sub-module such as ``visual.merger``, or a named preset
 of the released freezing table, `FREEZE_PRESETS`), the image size, optimiser, schedule, precision, batch,
-accumulation, length of the run, checkpoint cadence, seed, DPO settings and where the model starts.
+accumulation, length of the run, checkpoint cadence, seed, DPO settings and where the model starts (a preset or
+a checkpoint, optionally with the tokenizer and the VAE weights from other directories).
 
 Relative paths in a recipe (data sources, checkpoints, ``out_dir``) are taken relative to the working directory,
 as paths on the command line are.
@@ -113,6 +114,9 @@ class ModelInit:
     factory: str | None = None  # "package.module:function" building the model (default: vargpt's VARGPT)
     reference: str | None = None  # DPO reference model directory (default: a frozen copy of the initial model)
     tokenizer: str | None = None  # directory with tokenizer.json (default: the checkpoint's, else byte-level)
+    # `vargpt train vae` output (run dir or its model/): its weights replace `vae_local` once the model is built;
+    # its VAE config must equal the model's config.vae
+    vae: str | None = None
     config_overrides: dict[str, Any] = field(default_factory=dict)  # VARGPTConfig fields, e.g. {compat: {...}}
 
 
@@ -204,6 +208,8 @@ class Recipe:
                  init.preset, "a preset name when neither model.checkpoint nor model.factory is set")
         _require(init.factory is None or ":" in init.factory, "model.factory", init.factory,
                  "'package.module:function'")
+        for name in ("checkpoint", "reference", "tokenizer", "vae"):
+            _require(getattr(init, name) != "", f"model.{name}", getattr(init, name), "a directory or null")
         return self
 
     @property

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import importlib
 import io
 import math
@@ -87,8 +88,8 @@ from vargpt.training.checkpoint import atomic_write_bytes, latest_checkpoint, sa
 from vargpt.training.losses import dpo_loss, dpo_metrics
 from vargpt.training.recipe import Recipe, trainable_modules
 
-__all__ = ["TrainResult", "TrainableModel", "apply_freezing", "build_model", "build_processor", "lr_factor",
-           "train"]
+__all__ = ["TrainResult", "TrainableModel", "apply_freezing", "build_model", "build_processor", "load_vae_weights",
+           "lr_factor", "train"]
 
 
 @runtime_checkable
@@ -115,7 +116,40 @@ class TrainResult:
 
 
 def build_model(recipe: Recipe) -> nn.Module:
-    """The model a recipe starts from: ``model.factory`` if given, else vargpt's unified model."""
+    """The model a recipe starts from: ``model.factory`` if given, else vargpt's unified model; then the VAE
+    weights of ``model.vae`` (a `vargpt train vae` output) when given."""
+    model = _new_model(recipe)
+    if recipe.model.vae:
+        load_vae_weights(model, recipe.model.vae)
+    return model
+
+
+def load_vae_weights(model: nn.Module, path: str | Path) -> None:
+    """Replace ``model.vae_local`` by the VAE trained by `vargpt train vae` in ``path`` (run or model directory);
+    `ConfigError` when ``path`` holds no VAE or its config differs from the model's ``config.vae``."""
+    from vargpt.training.vae import load_vae
+
+    where = f"recipe field model.vae = {str(path)!r}"
+    if not Path(path).is_dir():
+        raise ConfigError(f"{where}: no such directory; train the VAE first with `vargpt train vae --out DIR`")
+    target = getattr(model, "vae_local", None)
+    if not isinstance(target, nn.Module):
+        raise ConfigError(f"{where}: the model ({type(model).__name__}) has no vae_local module to load it into")
+    try:
+        vae, _ = load_vae(path)
+    except (CheckpointError, InputError, TypeError) as e:  # TypeError: a config.json with unknown VAE fields
+        raise ConfigError(f"{where}: cannot load a VAE from it ({e})") from None
+    want = getattr(getattr(model, "config", None), "vae", None)
+    if vae.cfg != want:
+        shown = dataclasses.asdict(want) if dataclasses.is_dataclass(want) else want
+        raise ConfigError(f"{where}: its VAE config {dataclasses.asdict(vae.cfg)} differs from the model's "
+                          f"config.vae {shown}; train the VAE with the model's "
+                          "preset (`vargpt train vae --preset ...`, no --vae overrides) or set "
+                          "model.config_overrides.vae to match")
+    target.load_state_dict(vae.state_dict())
+
+
+def _new_model(recipe: Recipe) -> nn.Module:
     init = recipe.model
     if init.factory:
         module_name, _, fn_name = init.factory.partition(":")
@@ -358,6 +392,8 @@ def train(recipe: Recipe, *, resume: bool = False, device: str = "auto") -> Trai
 
     # ---- data pipeline
     processor = build_processor(model, recipe)
+    if recipe.model.tokenizer and hasattr(model, "processor"):  # the model's own (null prompt, saved with it)
+        model.processor = type(processor)(processor.tokenizer, model.config)
     records = [r for recs in sources for r in recs]
     dataset = RecordDataset(records, processor, image_size=recipe.data.image_size, stride=model.config.vae.stride,
                             gen_transform=recipe.data.gen_transform, keep_aspect=recipe.data.keep_aspect,

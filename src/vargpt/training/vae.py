@@ -85,6 +85,8 @@ class VAETrainConfig:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if any(v < 1 for v in self.extra_sizes):
             raise InputError(f"sizes must be >= 1, got {self.extra_sizes}")
+        if self.lr <= 0:
+            raise InputError(f"lr must be > 0, got {self.lr}")
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -93,8 +95,6 @@ class VAETrainConfig:
     def batch_for(self, size: int) -> int:
         """Batch size at ``size``: ``batch_size`` at the smallest size, scaled by pixel area above it."""
         return max(1, self.batch_size * min(self.sizes) ** 2 // size**2)
-        if self.lr <= 0:
-            raise InputError(f"lr must be > 0, got {self.lr}")
 
 
 # ----------------------------------------------------------------------------------------------- data

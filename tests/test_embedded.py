@@ -1,0 +1,74 @@
+"""The embedded default's build pieces: model.vae (VAE weights from `vargpt train vae`) and the tiny tokenizer."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from vargpt.config import VAEConfig, tiny_config
+from vargpt.errors import ConfigError
+from vargpt.models.vae import BSQVAE
+from vargpt.processing import BPETokenizer, load_tokenizer, special_tokens
+from vargpt.training.checkpoint import save_model_dir
+from vargpt.training.embedded import shapesworld_texts, train_tiny_tokenizer
+from vargpt.training.recipe import recipe_from_dict
+from vargpt.training.trainer import build_model, build_processor
+from vargpt.training.vae import vae_model_config
+
+
+def _recipe(**model):
+    return recipe_from_dict({"name": "t", "model": {"preset": "tiny", **model}, "trainable": "generation",
+                             "data": {"sources": [{"path": "unused", "format": "shapesworld"}]}})
+
+
+def _save_vae(out, cfg: VAEConfig) -> BSQVAE:
+    torch.manual_seed(1)
+    vae = BSQVAE(cfg)
+    save_model_dir(out / "model", vae.state_dict(), vae_model_config(cfg, "tiny", (64, 128)))
+    return vae
+
+
+def test_model_vae_loads_a_trained_vae(tmp_path):
+    vae = _save_vae(tmp_path / "vae", tiny_config().vae)
+    model = build_model(_recipe(vae=str(tmp_path / "vae")))  # the run directory (its model/ is used)
+    got = model.vae.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in vae.state_dict().items())
+    key = next(iter(got))
+    assert not torch.equal(build_model(_recipe()).vae.state_dict()[key], got[key])  # without model.vae: fresh
+    build_model(_recipe(vae=str(tmp_path / "vae" / "model")))  # the model directory itself
+
+
+def test_model_vae_mismatch_and_missing_are_config_errors(tmp_path):
+    _save_vae(tmp_path / "vae", dataclasses.replace(tiny_config().vae, base_ch=64))
+    with pytest.raises(ConfigError, match=r"model\.vae.*'base_ch': 64.*config\.vae.*'base_ch': 32"):
+        build_model(_recipe(vae=str(tmp_path / "vae")))
+    with pytest.raises(ConfigError, match="model.vae.*no such directory"):
+        build_model(_recipe(vae=str(tmp_path / "nothing")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="model.vae.*cannot load"):
+        build_model(_recipe(vae=str(tmp_path / "empty")))
+
+
+def test_tiny_tokenizer_is_deterministic_and_round_trips(tmp_path):
+    tokens = tiny_config().tokens
+    a = train_tiny_tokenizer(tmp_path / "a", n=200)
+    b = train_tiny_tokenizer(tmp_path / "b", n=200)
+    assert a.read_bytes() == b.read_bytes()
+    tok = load_tokenizer(tmp_path / "a", tokens)  # checks every special id against tiny_config().tokens
+    assert all(tok.tokenizer.token_to_id(s) == i for s, i in special_tokens(tokens).items())
+    assert tok.vocab_size == tiny_config().llm.vocab_size
+    texts = shapesworld_texts(400)  # records beyond the 200 it was trained on, every split and task
+    assert len(texts) > 1000
+    for text in texts:
+        ids = tok.encode(text)
+        assert max(ids) < min(special_tokens(tokens).values()) and tok.decode(ids) == text
+    chat = "<|im_start|>user\nIs there a red triangle?<|im_end|>"
+    assert tok.encode(chat)[0] == tokens.im_start and tok.decode(tok.encode(chat)) == chat
+    assert len(tok.encode(texts[-1])) < len(texts[-1].encode()) / 3  # whole words, not bytes
+
+
+def test_recipe_tokenizer_reaches_the_processor(tmp_path):
+    train_tiny_tokenizer(tmp_path / "tok", n=50)
+    recipe = _recipe(tokenizer=str(tmp_path / "tok"))
+    processor = build_processor(build_model(recipe), recipe)
+    assert isinstance(processor.tokenizer, BPETokenizer)
