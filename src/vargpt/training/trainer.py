@@ -86,6 +86,7 @@ from torch import Tensor, nn
 from vargpt.errors import CheckpointError, ConfigError, InputError
 from vargpt.training.checkpoint import atomic_write_bytes, latest_checkpoint, save_checkpoint, save_model_dir
 from vargpt.training.losses import dpo_loss, dpo_metrics
+from vargpt.training.plots import Panel, plot_metrics
 from vargpt.training.recipe import Recipe, trainable_modules
 
 __all__ = ["TrainResult", "TrainableModel", "apply_freezing", "build_model", "build_processor", "load_vae_weights",
@@ -310,25 +311,8 @@ class _Metrics:
     def plot(self, path: Path) -> None:
         if not self.enabled or not self.rows:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        steps = [r["step"] for r in self.rows]
-        loss_keys = [k for k in self.rows[-1] if "loss" in k]
-        fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
-        for k in loss_keys:
-            ax.plot(steps, [r.get(k, float("nan")) for r in self.rows], label=k)
-        ax.set_ylabel("loss")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        ax_lr.plot(steps, [r.get("lr", float("nan")) for r in self.rows], color="grey")
-        ax_lr.set_ylabel("lr")
-        ax_lr.set_xlabel("optimiser step")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        loss_keys = tuple(k for k in self.rows[-1] if "loss" in k)
+        plot_metrics(self.rows, path, [Panel(loss_keys, "loss", height=3), Panel(("lr",), "lr")], stacked=True)
         if self.tb is not None:
             self.tb.close()
 

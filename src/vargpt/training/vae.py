@@ -41,6 +41,7 @@ from vargpt.models.vae import BSQVAE
 from vargpt.runtime import resolve_device, resolve_dtype
 from vargpt.scales import schedule_for_size
 from vargpt.training.checkpoint import latest_checkpoint, load_model_dir, save_checkpoint, save_model_dir
+from vargpt.training.plots import Panel, plot_metrics, read_rows
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 PRELOAD_LIMIT_BYTES = 2 << 30  # decode every image once and keep it in memory below this size
@@ -400,27 +401,5 @@ def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
 
 def plot_log(log_csv: Path, png: Path) -> None:
     """Loss and training-batch PSNR against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(log_csv) as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return
-    step = [int(r["step"]) for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for key in ("loss", "recon", "commit"):
-        a.plot(step, [float(r[key]) for r in rows], label=key)
-    a.set_yscale("log")
-    a.set_xlabel("step")
-    a.legend()
-    a.set_title("VAE training loss")
-    b.plot(step, [float(r["psnr_db"]) for r in rows])
-    b.set_xlabel("step")
-    b.set_ylabel("PSNR (dB, training batch)")
-    b.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    plot_metrics(read_rows(log_csv), png, [Panel(("loss", "recon", "commit"), "loss", "VAE training loss", log=True),
+                                           Panel(("psnr_db",), "PSNR (dB, training batch)")])
