@@ -155,12 +155,15 @@ def main() -> None:
                   f"failures {res['failures']}, {res['seconds']}s", flush=True)
     if args.recon:
         kind = "shape_colour" if any(len(x.split()) == 2 for x in names) else "shape"
-        object_size = (config.get("train") or {}).get("object_size", "any")
-        images, labs = make_class_images(len(names) * n, kind, size, seed=10_000 + args.seed, object_size=object_size)
+        train = config.get("train") or {}
+        object_size, cell = train.get("object_size", "any"), int(train.get("cell", -1))
+        background = train.get("background", "any")
+        images, labs = make_class_images(len(names) * n, kind, size, 10_000 + args.seed, object_size, cell, background)
         rec = to_uint8(vae, _encode(vae, images, schedule, torch.device("cpu")).summed_BDHW)
         verdicts = [judge(rec[i], names[lab]) for i, lab in enumerate(labs.tolist())]
         clean = sum(judge(images[i], names[lab])[0] for i, lab in enumerate(labs.tolist()))
-        report["vae_reconstruction"] = {"object_size": object_size, "rendered_accuracy": round(clean / len(labs), 4),
+        report["vae_reconstruction"] = {"object_size": object_size, "cell": cell, "background": background,
+                                        "rendered_accuracy": round(clean / len(labs), 4),
                                         **summarise(names, labs.tolist(), verdicts)}
         print(f"VAE reconstructions: accuracy {report['vae_reconstruction']['accuracy']:.3f} "
               f"(rendered originals {clean}/{len(labs)})", flush=True)

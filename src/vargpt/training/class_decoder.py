@@ -5,7 +5,8 @@ rendered at ``size`` px, encoded ONCE by a frozen BSQ VAE into multi-scale bits 
 (no self-correction); the decoder (``tiny`` preset sizes) learns the bits with condition dropout; AdamW,
 linear warm-up then cosine decay, gradient clipping. At the end: ``OUT/model`` (model.safetensors +
 config.json), ``OUT/log.csv``, ``OUT/loss.png`` and ``OUT/samples.png`` (one sample per class, cfg 3).
-``object_size`` = "small"/"large" renders every object at that size ("any": random); ``threads`` > 0 sets
+``object_size`` = "small"/"large" renders every object at that size ("any": random), ``cell`` in 0-8 puts it
+in that grid cell (-1: random), ``background`` fixes the background ("any": random); ``threads`` > 0 sets
 torch's intra-op threads (1 is fastest for these tiny shapes on a loaded 2-core machine).
 
 With ``vae=None`` a randomly initialised VAE is used: the decoder still learns (the bits are a deterministic
@@ -39,6 +40,7 @@ from vargpt.models.vae import BSQVAE
 from vargpt.runtime import resolve_device
 from vargpt.scales import schedule_for_size
 from vargpt.training.checkpoint import save_model_dir
+from vargpt.training.plots import Panel, plot_metrics, read_rows
 
 __all__ = ["ClassDecoderTrainConfig", "class_names", "make_class_images", "plot_log", "train_class_decoder", "main"]
 
@@ -56,6 +58,8 @@ class ClassDecoderTrainConfig:
     classes: Literal["shape", "shape_colour"] = "shape_colour"
     pool: int = 2048
     object_size: Literal["any", "small", "large"] = "any"
+    cell: int = -1
+    background: str = "any"
     vae: str | None = None
     preset: str = "tiny"
     seed: int = 0
@@ -73,7 +77,8 @@ def class_names(kind: str) -> list[str]:
 
 
 def make_class_images(n: int, kind: str, size: int, seed: int,
-                      object_size: str = "any") -> tuple[torch.Tensor, torch.Tensor]:
+                      object_size: str = "any", cell: int = -1,
+                      background: str = "any") -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` single-object scenes, labels cycling over the classes: (uint8 [n, 3, size, size], long [n])."""
     names = class_names(kind)
     images, labels = [], []
@@ -82,9 +87,11 @@ def make_class_images(n: int, kind: str, size: int, seed: int,
         label = i % len(names)
         words = names[label].split()
         shape, colour = words[-1], (words[0] if len(words) == 2 else None)
-        obj = random_object(rng, rng.randrange(9), shape=shape, colour=colour,
+        where = rng.randrange(9) if cell < 0 else cell
+        obj = random_object(rng, where, shape=shape, colour=colour,
                             size=None if object_size == "any" else object_size)
-        img = render(Scene((obj,), rng.choice(tuple(BACKGROUNDS))), size)
+        bg = rng.choice(tuple(BACKGROUNDS)) if background == "any" else background
+        img = render(Scene((obj,), bg), size)
         images.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))
         labels.append(label)
     return torch.stack(images), torch.tensor(labels)
@@ -126,7 +133,8 @@ def train_class_decoder(cfg: ClassDecoderTrainConfig) -> dict[str, float]:
     names = class_names(cfg.classes)
     schedule = schedule_for_size(cfg.size, cfg.size, preset.vae.stride)
     vae = _load_vae(cfg, device)
-    images, labels = make_class_images(cfg.pool, cfg.classes, cfg.size, cfg.seed, cfg.object_size)
+    images, labels = make_class_images(cfg.pool, cfg.classes, cfg.size, cfg.seed, cfg.object_size, cfg.cell,
+                                       cfg.background)
     tokens = _encode(vae, images, schedule, device)
     labels = labels.to(device)
 
@@ -175,27 +183,9 @@ def train_class_decoder(cfg: ClassDecoderTrainConfig) -> dict[str, float]:
 
 def plot_log(log_csv: Path, png: Path) -> None:
     """Training loss (log scale) and bit accuracy against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(log_csv) as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return
-    step = [int(r["step"]) for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-    a.plot(step, [float(r["loss"]) for r in rows])
-    a.set_yscale("log")
-    a.set(xlabel="step", ylabel="bit cross-entropy", title="class decoder: training loss")
-    b.plot(step, [float(r["bit_accuracy"]) for r in rows])
-    b.set(xlabel="step", ylabel="bit accuracy (training batch)")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=80)
-    plt.close(fig)
+    panels = [Panel(("loss",), "bit cross-entropy", "class decoder: training loss", log=True),
+              Panel(("bit_accuracy",), "bit accuracy (training batch)")]
+    plot_metrics(read_rows(log_csv), png, panels, dpi=80)
 
 
 def main(argv: list[str] | None = None) -> None:
