@@ -33,7 +33,7 @@ from vargpt.models.class_decoder import ClassConditionalDecoder
 from vargpt.models.vae import BSQVAE
 from vargpt.scales import schedule_for_size
 from vargpt.training.checkpoint import load_model_dir
-from vargpt.training.class_decoder import _encode, make_class_images
+from vargpt.training.class_decoder import make_class_images
 from vargpt.training.vae import load_vae
 
 
@@ -159,7 +159,8 @@ def main() -> None:
         object_size, cell = train.get("object_size", "any"), int(train.get("cell", -1))
         background = train.get("background", "any")
         images, labs = make_class_images(len(names) * n, kind, size, 10_000 + args.seed, object_size, cell, background)
-        rec = to_uint8(vae, _encode(vae, images, schedule, torch.device("cpu")).summed_BDHW)
+        with torch.no_grad():
+            rec = to_uint8(vae, vae.encode(images.float() / 127.5 - 1, schedule).summed_BDHW)
         verdicts = [judge(rec[i], names[lab]) for i, lab in enumerate(labs.tolist())]
         clean = sum(judge(images[i], names[lab])[0] for i, lab in enumerate(labs.tolist()))
         report["vae_reconstruction"] = {"object_size": object_size, "cell": cell, "background": background,

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build the embedded default model (src/vargpt/assets/tiny) from scratch with the project's own code:
-#   ShapesWorld data (train/val, 64 and 128 px) -> tiny BPE tokenizer -> BSQ VAE (`vargpt train vae`, 64+128 px)
+#   ShapesWorld training data (64 and 128 px) -> tiny BPE tokenizer -> BSQ VAE (`vargpt train vae`, 64+128 px)
 #   -> recipes tiny_understanding -> tiny_3a_64px -> tiny_3b_128px -> tiny_dpo -> tiny_edit (each from the previous
-#   stage's model/) -> checker scores on val records -> copy the final model into src/vargpt/assets/tiny.
+#   stage's model/) -> checker scores on held-out records -> copy the final model into src/vargpt/assets/tiny.
 #
 #   scripts/build_embedded_default.sh                # full chain, outputs under runs/ (the recipes' own paths)
 #   QUICK=1 scripts/build_embedded_default.sh        # smoke run: a few steps per stage on tiny data, a few minutes
@@ -10,22 +10,23 @@
 #
 # Resumable: a stage whose final output exists is skipped; an interrupted training stage resumes from its newest
 # checkpoint (--resume). Environment (defaults in brackets; QUICK changes the starred ones):
-#   ROOT [runs*]  N_TRAIN [20000*] N_VAL [200*]  records per ShapesWorld split and size
+#   ROOT [runs*]  N_TRAIN [40000*] (64 px)  N_TRAIN128 [20000*]  training records per ShapesWorld size
 #   TOK_N [2000*]  records per split for the tokenizer
 #   VAE_DATA [shapesworld:5000*]  VAE_STEPS [10000*]  VAE_BATCH [64]  VAE_DEVICE [$DEVICE]
+#   VAE_INIT ['']  start the VAE from an earlier `vargpt train vae` run (--init), e.g. a short GPU run
 #   DEVICE [auto]  the trainer's --device (auto: the GPU when there is one; cpu)
 #   STAGE_ARGS ['']  recipe overrides added to every stage, e.g. "max_steps=500 batch_size=8"
-#   CHECK_N [16*]  val records per kind for the final check     PYTHON [python]
+#   CHECK_N [16*]  held-out (test split) records per kind for the final check     PYTHON [python]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
-    ROOT=${ROOT:-runs/embedded_quick}; N_TRAIN=${N_TRAIN:-100}; N_VAL=${N_VAL:-10}; TOK_N=${TOK_N:-300}
+    ROOT=${ROOT:-runs/embedded_quick}; N_TRAIN=${N_TRAIN:-100}; N_TRAIN128=${N_TRAIN128:-100}; TOK_N=${TOK_N:-300}
     VAE_DATA=${VAE_DATA:-shapesworld:64}; VAE_STEPS=${VAE_STEPS:-6}; CHECK_N=${CHECK_N:-2}
     QUICK_ARGS=(max_steps=3 log_every=1 checkpoint.every=3 data.num_workers=0)
 else
-    ROOT=${ROOT:-runs}; N_TRAIN=${N_TRAIN:-20000}; N_VAL=${N_VAL:-200}; TOK_N=${TOK_N:-2000}
+    ROOT=${ROOT:-runs}; N_TRAIN=${N_TRAIN:-40000}; N_TRAIN128=${N_TRAIN128:-20000}; TOK_N=${TOK_N:-2000}
     VAE_DATA=${VAE_DATA:-shapesworld:5000}; VAE_STEPS=${VAE_STEPS:-10000}; CHECK_N=${CHECK_N:-16}
     QUICK_ARGS=()
 fi
@@ -63,19 +64,17 @@ run_stage() {
 model_done() { echo "$1/model/preprocessor_config.json"; }  # written last by save_pretrained
 
 # ---- data
-for split in train val; do
-    n=$N_TRAIN; [[ $split == val ]] && n=$N_VAL
-    for size in 64 128; do
-        run_stage "data_${split}${size}" "$DATA/$split$size/records.jsonl" \
-            "$PYTHON" -m vargpt data shapesworld --out "$DATA/$split$size" --n "$n" --split "$split" --size "$size"
-    done
+for size in 64 128; do
+    n=$N_TRAIN; [[ $size == 128 ]] && n=$N_TRAIN128
+    run_stage "data_train${size}" "$DATA/train$size/records.jsonl" \
+        "$PYTHON" -m vargpt data shapesworld --out "$DATA/train$size" --n "$n" --split train --size "$size"
 done
 
 # ---- tokenizer, VAE
 run_stage tokenizer "$TOK/tokenizer.json" "$PYTHON" -m vargpt.training.embedded tokenizer --out "$TOK" --n "$TOK_N"
 run_stage vae "$VAE/model/config.json" \
     "$PYTHON" -m vargpt train vae --data "$VAE_DATA" --out "$VAE" --size 64,128 --batch-size "$VAE_BATCH" \
-    --steps "$VAE_STEPS" --device "$VAE_DEVICE" --resume
+    --steps "$VAE_STEPS" --device "$VAE_DEVICE" --resume ${VAE_INIT:+--init "$VAE_INIT"}
 
 # ---- the unified model, stage by stage (each from the previous stage's model/)
 train_stage() {  # train_stage RECIPE DATA_DIR [overrides...]
@@ -92,9 +91,9 @@ train_stage tiny_dpo "$DATA/train128" "model.checkpoint=$ROOT/tiny_3b_128px/mode
 train_stage tiny_edit "$DATA/train128" "model.checkpoint=$ROOT/tiny_dpo/model"
 FINAL=$ROOT/tiny_edit/model
 
-# ---- check: generations, answers and edits on val records, scored by the ShapesWorld checker
+# ---- check: generations, edits and answers on held-out records, scored by the ShapesWorld checker
 run_stage check "$ROOT/check.json" "$PYTHON" -m vargpt.training.embedded check --model "$FINAL" \
-    --data64 "$DATA/val64" --data128 "$DATA/val128" --n "$CHECK_N" --device "$DEVICE" --json "$ROOT/check.json"
+    --n "$CHECK_N" --device "$DEVICE" --json "$ROOT/check.json"
 cat "$ROOT/check.json"
 
 # ---- install as the embedded default (not in QUICK mode), then load it the way users do

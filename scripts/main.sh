@@ -1,29 +1,32 @@
 #!/usr/bin/env bash
-# Install vargpt (CPU build of torch) and run the main job.
-# Until the embedded default model is built (scripts/build_embedded_default.sh), the main job exercises what
-# exists end to end on ShapesWorld: write a test split, then score its text-to-image targets and its DPO pairs
-# against their prompts with the deterministic checker (faithful renders score 1, corruptions 0).
+# Install vargpt (CPU build of torch) and run the main job on the embedded default model (src/vargpt/assets/tiny):
+# generate images from text, edit an image, answer questions about images, and score all three on held-out
+# ShapesWorld records with the deterministic checker. Outputs (PNGs and JSON reports) go to $OUT (out/main).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q "torch==2.13.0" -e .
 out=${OUT:-out/main}
-vargpt data shapesworld --out "$out/shapesworld" --n 24 --split test --size 128 --seed 0
-python - "$out/shapesworld/records.jsonl" <<'PY'
-import json, sys
-from pathlib import Path
-from vargpt.eval.checker import check_image
-from vargpt.imageio import load_image
+mkdir -p "$out"
 
-path = Path(sys.argv[1])
-scores = {"t2i": [], "dpo chosen": [], "dpo rejected": []}
-for line in path.read_text().splitlines():
-    r = json.loads(line)
-    prompt = r["messages"][0]["content"]
-    if r["task"] == "t2i":
-        scores["t2i"].append(check_image(load_image(path.parent / r["images"][0]), prompt)["score"])
-    elif r["task"] == "dpo":
-        for name, image in zip(("dpo chosen", "dpo rejected"), r["images"]):
-            scores[name].append(check_image(load_image(path.parent / image), prompt)["score"])
-for name, s in scores.items():
-    print(f"checker score, {name:12s}: {sum(s) / len(s):.2f} over {len(s)} images")
-PY
+echo "== text-to-image"
+vargpt generate "A red circle." "A blue square above a green triangle." "Two yellow diamonds." \
+    --seed 0 --out "$out/generated"
+vargpt check --prompt "A red circle." "$out/generated/0000.png"
+
+echo "== editing"
+vargpt data shapesworld --out "$out/source" --n 1 --split test --size 64 --tasks edit > /dev/null
+src="$out/source/images/000000_src.png"
+instruction=$(python -c 'import json, sys; r = json.loads(open(sys.argv[1]).readline())
+print(r["messages"][0]["content"].replace("<image>", "").strip())' "$out/source/records.jsonl")
+echo "instruction: $instruction"
+vargpt edit --image "$src" "$instruction" --seed 0 --out "$out/edited.png"
+vargpt check --source "$src" --instruction "$instruction" "$out/edited.png"
+
+echo "== understanding"
+vargpt chat --image "$src" "Describe the image."
+
+echo "== scores on held-out ShapesWorld records (checker), pictures beside each report"
+vargpt eval t2i --n 32 --seeds 0 --json "$out/t2i.json"
+vargpt eval edit --n 32 --seeds 0 --json "$out/edit.json"
+vargpt eval vqa --n 32 --json "$out/vqa.json"
+echo "main job done: $out"

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from vargpt.errors import InputError, VargptError
-from vargpt.pipeline import GenerationInterrupted, VARGPTPipeline, default_model_dir
+from vargpt.pipeline import GenerationInterrupted, VARGPTPipeline
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,9 @@ def test_bad_sizes_and_prompts(pipe):
         pipe.generate([""])
 
 
-def test_embedded_default_missing_is_a_clear_error():
-    if (default_model_dir() / "config.json").is_file():
-        pytest.skip("the embedded default model is built")
+def test_embedded_default_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import vargpt.pipeline
+
+    monkeypatch.setattr(vargpt.pipeline, "default_model_dir", lambda: tmp_path)  # as if the assets were not installed
     with pytest.raises(VargptError, match="embedded default model is not built yet"):
         VARGPTPipeline.from_pretrained(None, device="cpu")

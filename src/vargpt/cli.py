@@ -174,6 +174,8 @@ def train_vae_cmd(
     keep_last: Annotated[int, typer.Option("--keep-last", min=1, help="Checkpoints kept.")] = 3,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
+    init: Annotated[Path | None, typer.Option("--init", help="Start from the weights of an earlier run "
+                                              "(its OUT or OUT/model); fresh optimiser and schedule.")] = None,
     max_minutes: Annotated[float | None, typer.Option("--max-minutes", help="Shrink --steps to fit this time.")] = None,
     vae: Annotated[list[str] | None, typer.Option("--vae", help="Override a VAE size: KEY=VALUE, repeatable "
                                                   "(e.g. --vae base_ch=64 --vae ch_mult=1,1,2,2).")] = None,
@@ -199,8 +201,8 @@ def train_vae_cmd(
                                    lr=lr, size=sizes[0], extra_sizes=tuple(sizes[1:]), recon_loss=recon,
                                    adversarial_weight=adversarial_weight, prefix_weight=prefix_weight,
                                    device=device, dtype=dtype, ckpt_every=ckpt_every, keep_last=keep_last,
-                                   seed=seed, resume=resume, max_minutes=max_minutes,
-                                   vae_overrides=overrides or None))
+                                   seed=seed, resume=resume, init=str(init) if init else None,
+                                   max_minutes=max_minutes, vae_overrides=overrides or None))
     typer.echo(json.dumps({"out": str(res.out), "steps": res.steps, "final_loss": res.final_loss,
                            "final_train_psnr_db": res.final_psnr_db, "seconds": round(res.seconds, 1)}))
 
@@ -221,6 +223,71 @@ def eval_vae_cmd(
 
     rep = run_eval(model, data, json_path, size=size, limit=limit, device=device)
     typer.echo(json.dumps({k: rep[k] for k in ("psnr_db", "ssim", "psnr_db_by_scales", "n_images", "size")}))
+
+
+def _eval_task(kind: str, model: Path | None, n: int, seeds: str, size: int | None, cfg: float | None,
+               batch: int, device: str, json_path: Path) -> None:
+    """`vargpt eval t2i|edit|vqa`: score the model with `vargpt.eval.tasks`, write the JSON (+ a PNG of samples)."""
+    from vargpt.errors import InputError
+    from vargpt.eval import tasks
+
+    try:
+        seed_list = [int(v) for v in seeds.split(",")]
+    except ValueError:
+        raise InputError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    pipe = _pipeline(model, device, "auto")
+    kw = dict(seeds=seed_list, size=size, sampling=pipe.sampling_config(cfg), batch=batch, keep_images=32)
+    sources = None
+    if kind == "vqa":
+        rep = tasks.evaluate_vqa(pipe, tasks.vqa_cases(n, size=size or pipe.model.config.image_size))
+    elif kind == "t2i":
+        rep = tasks.evaluate_t2i(pipe.model, tasks.t2i_cases(n), **kw)
+    else:
+        cases = tasks.edit_cases(n, size=size or pipe.model.config.image_size)
+        rep = tasks.evaluate_edit(pipe.model, cases, **kw)
+        sources = [c.source for c in cases]
+    kept = rep.pop("images", [])
+    rep["model"] = str(model) if model else "embedded default"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(rep, indent=2) + "\n")
+    if kept:
+        tasks.sample_sheet(kept, json_path.with_suffix(".png"), sources=sources)
+    summary = {k: rep[k] for k in ("score", "accuracy", "n", "seeds") if k in rep}
+    typer.echo(json.dumps(summary | {"json": str(json_path)}))
+
+
+_EvalJson = Annotated[Path, typer.Option("--json", help="Report path; a PNG of samples is written beside it.")]
+_EvalModel = Annotated[Path | None, typer.Option("--model", help="Model directory (default: the embedded one).")]
+_EvalN = Annotated[int, typer.Option("--n", min=1, help="Held-out (test split) records.")]
+_EvalSeeds = Annotated[str, typer.Option("--seeds", help="Sampling seeds, comma-separated; the score is reported "
+                                         "per seed, with mean and spread.")]
+_EvalSize = Annotated[int | None, typer.Option("--size", help="Image size (default: the model's).")]
+_EvalCfg = Annotated[float | None, typer.Option("--cfg", help="CFG scale (default: the model's).")]
+_EvalBatch = Annotated[int, typer.Option("--batch", min=1)]
+_EvalDevice = Annotated[str, typer.Option("--device")]
+
+
+@eval_app.command("t2i")
+def eval_t2i_cmd(json_path: _EvalJson, model: _EvalModel = None, n: _EvalN = 64, seeds: _EvalSeeds = "0,1,2",
+                 size: _EvalSize = None, cfg: _EvalCfg = None, batch: _EvalBatch = 16,
+                 device: _EvalDevice = "auto") -> None:
+    """GenEval-style text-to-image score on held-out ShapesWorld prompts, checked by the deterministic checker."""
+    _eval_task("t2i", model, n, seeds, size, cfg, batch, device, json_path)
+
+
+@eval_app.command("edit")
+def eval_edit_cmd(json_path: _EvalJson, model: _EvalModel = None, n: _EvalN = 64, seeds: _EvalSeeds = "0,1,2",
+                  size: _EvalSize = None, cfg: _EvalCfg = None, batch: _EvalBatch = 16,
+                  device: _EvalDevice = "auto") -> None:
+    """Edit success (instruction applied and nothing else moved) on held-out ShapesWorld edits."""
+    _eval_task("edit", model, n, seeds, size, cfg, batch, device, json_path)
+
+
+@eval_app.command("vqa")
+def eval_vqa_cmd(json_path: _EvalJson, model: _EvalModel = None, n: _EvalN = 64, size: _EvalSize = None,
+                 device: _EvalDevice = "auto") -> None:
+    """Exact-match accuracy of greedy answers to held-out ShapesWorld questions."""
+    _eval_task("vqa", model, n, "0", size, None, 1, device, json_path)
 
 
 # ----------------------------------------------------------------------------------------------- model commands

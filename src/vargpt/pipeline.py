@@ -105,7 +105,7 @@ class VARGPTPipeline:
             raise InputError(f"n = {n}: ask for at least one image per prompt")
         self.model.schedule_for(size)  # raises InputError listing the supported sizes
 
-    def _sampling(self, cfg: float | None) -> SamplingConfig:
+    def sampling_config(self, cfg: float | None) -> SamplingConfig:
         base = self.model.config.sampling
         sampling = SamplingConfig(cfg=base.cfg if cfg is None else float(cfg), tau=base.tau, top_k=base.top_k,
                                   top_p=base.top_p)
@@ -135,7 +135,7 @@ class VARGPTPipeline:
         # 2-4. encode the prompts, sample scale by scale (LLM in the loop), decode with the VAE
         schedule = self.model.schedule_for(size)
         out = self._run(self.model.generate_images, len(schedule), callback_on_scale, prompts=prompts, n=n,
-                        size=size, seed=seed, generator=generator, sampling=self._sampling(cfg))
+                        size=size, seed=seed, generator=generator, sampling=self.sampling_config(cfg))
         # 5. post-process
         return to_pil(out.images)
 
@@ -150,7 +150,7 @@ class VARGPTPipeline:
         # 2-4. source image through the vision tower + instruction -> sample -> decode
         schedule = self.model.schedule_for(size)
         out = self._run(self.model.edit_images, len(schedule), callback_on_scale, images=[image.convert("RGB")],
-                        instructions=[instruction], size=size, seed=seed, sampling=self._sampling(cfg))
+                        instructions=[instruction], size=size, seed=seed, sampling=self.sampling_config(cfg))
         # 5. post-process
         return to_pil(out.images)[0]
 

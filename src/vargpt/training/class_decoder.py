@@ -1,8 +1,10 @@
 """Train a class-conditional visual decoder on single-object ShapesWorld scenes (CPU-sized).
 
 Recipe: ``pool`` single-object scenes (class = shape, or shape x colour; random cell, size and background)
-rendered at ``size`` px, encoded ONCE by a frozen BSQ VAE into multi-scale bits and teacher-forcing inputs
-(no self-correction); the decoder (``tiny`` preset sizes) learns the bits with condition dropout; AdamW,
+rendered at ``size`` px, encoded ONCE by a frozen BSQ VAE into latents; each step turns a batch of latents
+into multi-scale bits and teacher-forcing inputs, with bitwise self-correction of the given ``self_correction``
+strength (0 = none; the released decoder trains with 0.3: later scales learn to repair wrong earlier bits, as
+they must when sampling); the decoder (``tiny`` preset sizes) learns the bits with condition dropout; AdamW,
 linear warm-up then cosine decay, gradient clipping. At the end: ``OUT/model`` (model.safetensors +
 config.json), ``OUT/log.csv``, ``OUT/loss.png`` and ``OUT/samples.png`` (one sample per class, cfg 3).
 ``object_size`` = "small"/"large" renders every object at that size ("any": random), ``cell`` in 0-8 puts it
@@ -32,10 +34,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vargpt.config import SamplingConfig, get_preset
+from vargpt.config import SamplingConfig, SelfCorrectionConfig, get_preset
 from vargpt.data.scene import BACKGROUNDS, COLOURS, SHAPES, Scene, random_object, render
 from vargpt.models.class_decoder import ClassConditionalDecoder
-from vargpt.models.quantizer import MultiScaleTokens
+from vargpt.models.quantizer import multiscale_bits
 from vargpt.models.vae import BSQVAE
 from vargpt.runtime import resolve_device
 from vargpt.scales import schedule_for_size
@@ -66,6 +68,7 @@ class ClassDecoderTrainConfig:
     log_every: int = 50
     device: str = "auto"
     threads: int = 0
+    self_correction: float = 0.0  # bitwise self-correction strength (released: 0.3), see the module docstring
 
 
 def class_names(kind: str) -> list[str]:
@@ -107,12 +110,10 @@ def _load_vae(cfg: ClassDecoderTrainConfig, device: torch.device) -> BSQVAE:
 
 
 @torch.no_grad()
-def _encode(vae: BSQVAE, images: torch.Tensor, schedule, device: torch.device, chunk: int = 64) -> MultiScaleTokens:
-    parts = [vae.encode(images[i:i + chunk].to(device).float() / 127.5 - 1, schedule)
-             for i in range(0, len(images), chunk)]
-    bits = [torch.cat([p.bits[k] for p in parts]) for k in range(len(schedule))]
-    return MultiScaleTokens(bits, torch.cat([p.x_wo_prefix_BLD for p in parts]),
-                            torch.cat([p.summed_BDHW for p in parts]))
+def _encode(vae: BSQVAE, images: torch.Tensor, device: torch.device, chunk: int = 64) -> torch.Tensor:
+    """uint8 images -> the VAE's continuous latents [N, D, h, w]."""
+    return torch.cat([vae.encode_latent(images[i:i + chunk].to(device).float() / 127.5 - 1)
+                      for i in range(0, len(images), chunk)])
 
 
 def _lr(step: int, cfg: ClassDecoderTrainConfig) -> float:
@@ -135,7 +136,8 @@ def train_class_decoder(cfg: ClassDecoderTrainConfig) -> dict[str, float]:
     vae = _load_vae(cfg, device)
     images, labels = make_class_images(cfg.pool, cfg.classes, cfg.size, cfg.seed, cfg.object_size, cfg.cell,
                                        cfg.background)
-    tokens = _encode(vae, images, schedule, device)
+    latents = _encode(vae, images, device)
+    correction = SelfCorrectionConfig(strength=cfg.self_correction)
     labels = labels.to(device)
 
     torch.manual_seed(cfg.seed)
@@ -150,8 +152,7 @@ def train_class_decoder(cfg: ClassDecoderTrainConfig) -> dict[str, float]:
         log.writerow(["step", "loss", "bit_accuracy", "lr", "seconds"])
         for step in range(cfg.steps):
             idx = torch.randint(0, cfg.pool, (cfg.batch_size,), generator=order).to(device)
-            batch = MultiScaleTokens([b[idx] for b in tokens.bits], tokens.x_wo_prefix_BLD[idx],
-                                     tokens.summed_BDHW[idx])
+            batch = multiscale_bits(latents[idx], schedule, self_correction=correction, generator=gen)
             for group in opt.param_groups:
                 group["lr"] = _lr(step, cfg)
             res = model.loss(labels[idx], batch, schedule, generator=gen)

@@ -4,13 +4,13 @@
   questions, answers, generation prompts, edit instructions and the chat template around them) from ``n`` records
   of each split, so the held-out combinations of val/test are covered too. Deterministic: same ``n`` and ``seed``,
   same ``tokenizer.json``. Recipes point ``model.tokenizer`` at the directory it writes.
-* `check_model`: a few generations, answers and edits of a model on ShapesWorld val records, scored with the
-  deterministic checker (`vargpt.eval.checker`); the chain's final check.
+* `check_model`: a few generations, edits and answers of a model on held-out ShapesWorld records, scored with the
+  deterministic checker (`vargpt.eval.tasks`); the chain's final check.
 
 Command line::
 
     python -m vargpt.training.embedded tokenizer --out runs/tokenizer_tiny [--n 2000] [--seed 0]
-    python -m vargpt.training.embedded check --model DIR --data64 VAL64 --data128 VAL128 --json OUT.json [--n 16]
+    python -m vargpt.training.embedded check --model DIR --json OUT.json [--n 16]
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,55 +67,27 @@ def train_tiny_tokenizer(out: str | Path, *, n: int = 2000, seed: int = 0) -> Pa
     return tok.save(out)
 
 
-def check_model(model: str | Path, data64: str | Path, data128: str | Path, *, n: int = 16, device: str = "auto",
+def check_model(model: str | Path, *, n: int = 16, seeds: tuple[int, ...] = (0,), device: str = "auto",
                 out_json: str | Path | None = None) -> dict[str, Any]:
-    """Mean checker scores of ``model`` on the first ``n`` val records of each kind: text-to-image (prompts of
-    ``data128``, generated at the model's size), VQA (``data64``) and edits (``data128``). Writes ``out_json``."""
-    from vargpt.data.shapesworld import read_records
-    from vargpt.eval.checker import check_image, score_answer, score_edit
-    from vargpt.imageio import load_image
+    """Checker scores of ``model`` on the first ``n`` held-out (test split) prompts, edits and questions
+    (`vargpt.eval.tasks`), at the model's own image size. Writes ``out_json``."""
+    from vargpt.eval import tasks
     from vargpt.pipeline import VARGPTPipeline
 
     pipe = VARGPTPipeline.from_pretrained(Path(model), device=device, dtype="fp32", progress=False)
-
-    def first(root: str | Path, task: str) -> list[tuple[dict[str, Any], list[Path]]]:
-        recs = [r for r in read_records(root) if r["task"] == task][:n]
-        if not recs:
-            raise InputError(f"{root}: no {task} records; write it with `vargpt data shapesworld --split val`")
-        return [(r, [Path(root) / p for p in r["images"]]) for r in recs]
-
-    def user_text(rec: dict[str, Any]) -> str:
-        return rec["messages"][0]["content"].replace(IMAGE_PLACEHOLDER, "").strip()
-
+    size = pipe.model.config.image_size
     t0 = time.perf_counter()
-    scores: dict[str, list[float]] = {"t2i": [], "vqa": [], "edit": []}
-    errors: list[str] = []
-    for i, (rec, _) in enumerate(first(data128, "t2i")):
-        prompt = user_text(rec)
-        image = pipe.generate(prompt, seed=i)[0]
-        scores["t2i"].append(_safe(errors, rec["id"], lambda im, p: check_image(im, p)["score"], image, prompt))
-    for rec, paths in first(data64, "vqa"):
-        answer = pipe.chat(rec["messages"][0]["content"], [load_image(paths[0])], max_new_tokens=16)
-        scores["vqa"].append(score_answer(answer, rec["messages"][1]["content"]))
-    for i, (rec, paths) in enumerate(first(data128, "edit")):
-        source, instruction = load_image(paths[0]), user_text(rec)
-        edited = pipe.edit(source, instruction, seed=i)
-        scores["edit"].append(_safe(errors, rec["id"], lambda *a: score_edit(*a).score, source, instruction, edited))
-    report = {"model": str(model), "n": n, **{k: sum(v) / len(v) for k, v in scores.items()},
-              "unscorable": errors, "seconds": round(time.perf_counter() - t0, 1)}
+    t2i = tasks.evaluate_t2i(pipe.model, tasks.t2i_cases(n), seeds=seeds, progress=False)
+    edit = tasks.evaluate_edit(pipe.model, tasks.edit_cases(n, size=size), seeds=seeds, progress=False)
+    vqa = tasks.evaluate_vqa(pipe, tasks.vqa_cases(n, size=size), progress=False)
+    report = {"model": str(model), "n": n, "seeds": list(seeds), "size": size, "t2i": t2i["score"]["mean"],
+              "t2i_by_category": t2i["by_group"], "edit": edit["score"]["mean"], "edit_satisfied":
+              edit["satisfied"], "edit_preserved": edit["preserved"], "vqa": vqa["accuracy"],
+              "vqa_by_kind": vqa["by_group"], "seconds": round(time.perf_counter() - t0, 1)}
     if out_json is not None:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-def _safe(errors: list[str], rid: str, score: Callable[..., float], *args: Any) -> float:
-    """``score(*args)``, or 0 when the checker cannot score the picture at all (noted in ``errors``)."""
-    try:
-        return float(score(*args))
-    except VargptError as e:
-        errors.append(f"{rid}: {e}")
-        return 0.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,8 +99,6 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--seed", type=int, default=0)
     c = sub.add_parser("check", help="score a model with the ShapesWorld checker on val records")
     c.add_argument("--model", required=True, type=Path)
-    c.add_argument("--data64", required=True, type=Path, help="val split at 64 px (VQA)")
-    c.add_argument("--data128", required=True, type=Path, help="val split at 128 px (prompts, edits)")
     c.add_argument("--n", type=int, default=16, help="records of each kind")
     c.add_argument("--device", default="auto")
     c.add_argument("--json", required=True, type=Path)
@@ -138,8 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.cmd == "tokenizer":
             print(json.dumps({"tokenizer": str(train_tiny_tokenizer(args.out, n=args.n, seed=args.seed))}))
         else:
-            print(json.dumps(check_model(args.model, args.data64, args.data128, n=args.n, device=args.device,
-                                         out_json=args.json)))
+            print(json.dumps(check_model(args.model, n=args.n, device=args.device, out_json=args.json)))
     except VargptError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -74,6 +74,7 @@ class VAETrainConfig:
     ckpt_every: int = 500
     keep_last: int = 3
     resume: bool = False
+    init: str | None = None  # warm start: weights from a `vargpt train vae` output (OUT or OUT/model), new optimiser
     progress: bool = True
     max_minutes: float | None = None  # time budget: after 60 steps, shrink `steps` (and the LR schedule) to fit
     vae_overrides: dict[str, Any] | None = None  # VAEConfig fields replacing the preset's (e.g. {"base_ch": 64})
@@ -275,6 +276,12 @@ def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
     image_sets = {sz: ImageSet(paths, sz) for sz in sizes}
     torch.manual_seed(cfg.seed)  # parameter init only; data order uses its own generator below
     vae = BSQVAE(vae_cfg).to(device).train()
+    if cfg.init and not (cfg.resume and latest_checkpoint(out) is not None):
+        init_vae, init_config = load_vae(cfg.init)
+        if init_vae.cfg != vae.cfg:
+            raise CheckpointError(f"--init {cfg.init}: its VAE sizes {init_config.get('vae')} differ from this run's; "
+                                  "pass the same --preset/--vae overrides it was trained with")
+        vae.load_state_dict(init_vae.state_dict())
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     disc = disc_opt = None
     if cfg.adversarial_weight > 0:

@@ -1,0 +1,74 @@
+"""The generation scorers: an oracle that renders the truth scores 1, a blank model 0, seeds are reported apart."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from vargpt.config import SamplingConfig
+from vargpt.data.scene import Scene, render
+from vargpt.data.shapesworld import make_record
+from vargpt.eval import tasks as G
+
+
+def _tensor(images) -> torch.Tensor:
+    arr = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+class Oracle:
+    """Renders the scene each test record asks for; `broken` answers a blank background instead."""
+
+    def __init__(self, n: int, broken: bool = False) -> None:
+        self.config = SimpleNamespace(image_size=64, sampling=SamplingConfig())
+        self.broken, self.t2i, self.edits, self.seeds = broken, {}, {}, []
+        for i in range(n):
+            rec, _ = make_record(i, split="test", size=64, tasks=("t2i",))
+            self.t2i[rec["messages"][0]["content"]] = Scene.from_dict(rec["scene"])
+            rec, _ = make_record(i, split="test", size=64, tasks=("edit",))
+            text = rec["messages"][0]["content"].replace("<image>", "").strip()
+            self.edits[text] = Scene.from_dict(rec["meta"]["target_scene"])
+
+    def _out(self, scenes, seed):
+        self.seeds.append(list(seed))
+        if self.broken:
+            scenes = [Scene(objects=(), background=s.background) for s in scenes]
+        return SimpleNamespace(images=_tensor([render(s, 64) for s in scenes]))
+
+    def generate_images(self, prompts, *, size, sampling, seed):
+        return self._out([self.t2i[p] for p in prompts], seed)
+
+    def edit_images(self, images, instructions, *, size, sampling, seed):
+        assert len(images) == len(instructions)
+        return self._out([self.edits[t] for t in instructions], seed)
+
+
+def test_t2i_oracle_scores_one_and_seeds_differ_per_image():
+    cases = G.t2i_cases(6)
+    assert len({c.prompt for c in cases}) == 6 and all(c.category for c in cases)
+    model = Oracle(6)
+    rep = G.evaluate_t2i(model, cases, seeds=(0, 1), batch=4, progress=False, keep_images=3)
+    assert rep["score"]["mean"] == 1.0 and rep["score"]["spread"] == 0.0
+    assert [r["seed"] for r in rep["per_seed"]] == [0, 1] and len(rep["images"]) == 3
+    assert all(v == 1.0 for v in rep["by_group"].values())
+    flat = [s for call in model.seeds for s in call]
+    assert len(flat) == 12 and len(set(flat)) == 12  # every (seed, image) pair draws its own stream
+
+
+def test_broken_model_scores_zero_and_edit_reports_rates(tmp_path):
+    rep = G.evaluate_t2i(Oracle(4, broken=True), G.t2i_cases(4), seeds=(0,), progress=False)
+    assert rep["score"]["mean"] == 0.0
+    cases = G.edit_cases(5)
+    good = G.evaluate_edit(Oracle(5), cases, seeds=(3,), batch=2, progress=False, keep_images=5)
+    assert good["score"]["mean"] == 1.0 and good["satisfied"] == 1.0 and good["preserved"] == 1.0
+    bad = G.evaluate_edit(Oracle(5, broken=True), cases, seeds=(3,), progress=False)
+    assert bad["score"]["mean"] == 0.0
+    png = G.sample_sheet(good["images"], tmp_path / "sheet.png", sources=[c.source for c in cases], per_row=4)
+    assert png.is_file() and "pass" in png.with_suffix(".txt").read_text()
+
+
+@pytest.mark.parametrize("values,spread", [((0.5,), 0.0), ((0.25, 0.5, 0.75), 0.5)])
+def test_spread(values, spread):
+    s = G._spread(values)
+    assert s["spread"] == pytest.approx(spread) and s["mean"] == pytest.approx(sum(values) / len(values))
