@@ -23,7 +23,7 @@ from vargpt.data.shapesworld import (
     scene_for_prompt,
 )
 from vargpt.errors import InputError
-from vargpt.eval.checker import parse_scene, scenes_match, score_answer, score_edit, score_prompt
+from vargpt.eval.checker import object_recall, parse_scene, scenes_match, score_answer, score_edit, score_prompt
 
 
 @pytest.mark.parametrize("size", [64, 128])
@@ -98,6 +98,15 @@ def test_prompt_rules():
     assert score_prompt(scene, "two circles").score == 0.0
     assert score_prompt(scene, "a large blue square").score == 1.0
     assert score_prompt(scene, "a small blue square").score == 0.0
+
+
+def test_object_recall_gives_partial_credit():
+    left, right = Obj("circle", "red", "small", 0.17, 0.5), Obj("square", "blue", "large", 0.83, 0.2)
+    scene = Scene((left, right))
+    assert object_recall(scene, "a red circle and a blue square") == 1.0
+    assert object_recall(scene, "a red circle and a green square") == 0.5  # score_prompt: 0
+    assert object_recall(scene, "a circle to the right of a square") == 1.0  # relation ignored
+    assert object_recall(Scene(()), "a red circle") == 0.0
 
 
 def test_score_answer_normalises():

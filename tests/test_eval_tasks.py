@@ -49,7 +49,7 @@ def test_t2i_oracle_scores_one_and_seeds_differ_per_image():
     assert len({c.prompt for c in cases}) == 6 and all(c.category for c in cases)
     model = Oracle(6)
     rep = G.evaluate_t2i(model, cases, seeds=(0, 1), batch=4, progress=False, keep_images=3)
-    assert rep["score"]["mean"] == 1.0 and rep["score"]["spread"] == 0.0
+    assert rep["score"]["mean"] == 1.0 and rep["score"]["spread"] == 0.0 and rep["object_recall"]["mean"] == 1.0
     assert [r["seed"] for r in rep["per_seed"]] == [0, 1] and len(rep["images"]) == 3
     assert all(v == 1.0 for v in rep["by_group"].values())
     flat = [s for call in model.seeds for s in call]
@@ -58,10 +58,10 @@ def test_t2i_oracle_scores_one_and_seeds_differ_per_image():
 
 def test_broken_model_scores_zero_and_edit_reports_rates(tmp_path):
     rep = G.evaluate_t2i(Oracle(4, broken=True), G.t2i_cases(4), seeds=(0,), progress=False)
-    assert rep["score"]["mean"] == 0.0
+    assert rep["score"]["mean"] == 0.0 and rep["object_recall"]["mean"] == 0.0
     cases = G.edit_cases(5)
     good = G.evaluate_edit(Oracle(5), cases, seeds=(3,), batch=2, progress=False, keep_images=5)
-    assert good["score"]["mean"] == 1.0 and good["satisfied"] == 1.0 and good["preserved"] == 1.0
+    assert good["score"]["mean"] == 1.0 and good["satisfied"]["mean"] == 1.0 and good["preserved"]["mean"] == 1.0
     bad = G.evaluate_edit(Oracle(5, broken=True), cases, seeds=(3,), progress=False)
     assert bad["score"]["mean"] == 0.0
     png = G.sample_sheet(good["images"], tmp_path / "sheet.png", sources=[c.source for c in cases], per_row=4)

@@ -100,6 +100,20 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert steps == [5, 6, 10, 12]  # every 5 steps and at the end of each run
 
 
+def test_init_starts_from_earlier_weights_and_refuses_other_sizes(tmp_path):
+    data = _write_images(tmp_path / "imgs")
+    first = train_vae(_cfg(tmp_path, data, steps=10, out=str(tmp_path / "a")))
+    lr = 1e-12  # the warm-started run barely moves: its weights must be the first run's
+    second = train_vae(_cfg(tmp_path, data, steps=1, lr=lr, out=str(tmp_path / "b"), init=str(first.out)))
+    a, b = load_vae(first.out)[0].state_dict(), load_vae(second.out)[0].state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    cold = load_vae(train_vae(_cfg(tmp_path, data, steps=1, lr=lr, out=str(tmp_path / "c"))).out)[0].state_dict()
+    assert not all(torch.allclose(a[k].float(), cold[k].float(), atol=1e-6) for k in a)
+    with pytest.raises(CheckpointError, match="differ from this run's"):
+        train_vae(_cfg(tmp_path, data, steps=1, out=str(tmp_path / "d"), init=str(first.out),
+                       vae_overrides={"base_ch": 64}))
+
+
 def test_bad_training_inputs(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         train_vae(_cfg(tmp_path, tmp_path / "nope"))

@@ -239,7 +239,7 @@ def _eval_task(kind: str, model: Path | None, n: int, seeds: str, size: int | No
     kw = dict(seeds=seed_list, size=size, sampling=pipe.sampling_config(cfg), batch=batch, keep_images=32)
     sources = None
     if kind == "vqa":
-        rep = tasks.evaluate_vqa(pipe, tasks.vqa_cases(n, size=size or pipe.model.config.image_size))
+        rep = tasks.evaluate_vqa(pipe, tasks.vqa_cases(n, size=size))
     elif kind == "t2i":
         rep = tasks.evaluate_t2i(pipe.model, tasks.t2i_cases(n), **kw)
     else:
@@ -284,7 +284,8 @@ def eval_edit_cmd(json_path: _EvalJson, model: _EvalModel = None, n: _EvalN = 64
 
 
 @eval_app.command("vqa")
-def eval_vqa_cmd(json_path: _EvalJson, model: _EvalModel = None, n: _EvalN = 64, size: _EvalSize = None,
+def eval_vqa_cmd(json_path: _EvalJson, model: _EvalModel = None, n: _EvalN = 64,
+                 size: Annotated[int, typer.Option("--size", help="Size of the pictures asked about.")] = 64,
                  device: _EvalDevice = "auto") -> None:
     """Exact-match accuracy of greedy answers to held-out ShapesWorld questions."""
     _eval_task("vqa", model, n, "0", size, None, 1, device, json_path)

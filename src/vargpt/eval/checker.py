@@ -226,6 +226,15 @@ def score_prompt(image_or_scene: Image.Image | Scene, prompt: str | PromptSpec) 
     return Verdict(float(ok), spec.category, details)
 
 
+def object_recall(image_or_scene: Image.Image | Scene, prompt: str | PromptSpec) -> float:
+    """Partial credit for a prompt: the fraction of its objects (shape, and colour where it names one) that some
+    object in the picture matches; counts and relations are ignored. 1.0 whenever `score_prompt` is 1 except for
+    counting; it moves before the all-or-nothing score does, so it shows progress of weak models."""
+    spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    objs = _as_scene(image_or_scene).objects
+    return sum(any(spec_matches(o, want) for o in objs) for want in spec.objects) / len(spec.objects)
+
+
 def score_edit(source: Image.Image | Scene, instruction: str | EditSpec, edited: Image.Image | Scene, *,
                tol: float = 0.05) -> EditVerdict:
     """Whether `edited` is `source` with the instruction applied and every other object left as it was.

@@ -2,8 +2,9 @@
 
 * `evaluate_t2i`: GenEval-style. Prompts of ShapesWorld's ``test`` split (its colour-shape pairs and prompt
   compositions never occur in training), one image per prompt and seed, each scored 0/1 by
-  `vargpt.eval.checker.score_prompt`; per seed the mean and the per-category means, across seeds the mean and the
-  spread (max - min and standard deviation). This is how the training stages (DPO, editing SFT) are judged.
+  `vargpt.eval.checker.score_prompt` (and given partial credit by `object_recall`); per seed the means and the
+  per-category means, across seeds the mean and the spread (max - min and standard deviation) of each metric.
+  This is how the training stages (DPO, editing SFT) are judged.
 * `evaluate_edit`: edit records of the ``test`` split (source scene, instruction); the edited image scores 1 when
   the instruction happened and nothing else moved (`score_edit`), per seed, with satisfied / preserved rates.
 * `evaluate_vqa`: questions of the ``test`` split about rendered scenes, greedy answers scored by exact match
@@ -30,7 +31,7 @@ from torch import Tensor
 from vargpt.config import SamplingConfig
 from vargpt.data.shapesworld import make_record
 from vargpt.errors import VargptError
-from vargpt.eval.checker import score_answer, score_edit, score_prompt
+from vargpt.eval.checker import object_recall, parse_scene, score_answer, score_edit, score_prompt
 from vargpt.pipeline import to_pil
 
 SEED_STRIDE = 1_000_003  # image i under sampling seed s is drawn with seed s * SEED_STRIDE + i
@@ -127,25 +128,29 @@ def _over_seeds(name: str, cases: Sequence[Any], seeds: Sequence[int], batch: in
         per_seed.append({"seed": s, **{k: statistics.fmean(r[k] for r in rows) for k in rows[0]},
                          "by_group": {k: statistics.fmean(v) for k, v in sorted(groups.items())}})
     bar.close()
-    keys = sorted({g for r in per_seed for g in r["by_group"]})
-    return {"n": len(cases), "seeds": list(seeds), "score": _spread([r["score"] for r in per_seed]),
-            **{k: statistics.fmean(r[k] for r in per_seed) for k in per_seed[0] if k not in ("seed", "score",
-                                                                                            "by_group")},
-            "by_group": {g: statistics.fmean(r["by_group"].get(g, 0.0) for r in per_seed) for g in keys},
+    groups_seen = sorted({g for r in per_seed for g in r["by_group"]})
+    return {"n": len(cases), "seeds": list(seeds), **{k: _spread([r[k] for r in per_seed]) for k in rows[0]},
+            "by_group": {g: statistics.fmean(r["by_group"].get(g, 0.0) for r in per_seed) for g in groups_seen},
             "per_seed": per_seed, "seconds": round(time.perf_counter() - t0, 1), "images": kept}
+
+
+def _t2i_metrics(c: T2ICase, img: Image.Image) -> dict[str, float]:
+    scene = parse_scene(img)
+    return {"score": score_prompt(scene, c.prompt).score, "object_recall": object_recall(scene, c.prompt)}
 
 
 @torch.no_grad()
 def evaluate_t2i(model: Any, cases: Sequence[T2ICase], *, seeds: Sequence[int] = (0, 1, 2),
                  size: int | None = None, sampling: SamplingConfig | None = None, batch: int = 16,
                  progress: bool = True, keep_images: int = 0) -> dict[str, Any]:
-    """Checker scores of ``model`` (a `VARGPT`) on ``cases`` for each sampling seed; ``by_group`` is per
-    GenEval category. ``keep_images``: the first images of the first seed come back under ``"images"``."""
+    """Checker scores of ``model`` (a `VARGPT`) on ``cases`` for each sampling seed, and the partial credit
+    `object_recall`; ``by_group`` is per GenEval category. ``keep_images``: the first images of the first seed
+    come back under ``"images"``."""
     rep = _over_seeds(
         "t2i", cases, seeds, batch, progress, keep_images,
         lambda chunk, sd: model.generate_images([c.prompt for c in chunk], size=size, sampling=sampling,
                                                 seed=sd).images,
-        lambda c, img: {"score": score_prompt(img, c.prompt).score}, lambda c: c.category, lambda c: c.prompt)
+        _t2i_metrics, lambda c: c.category, lambda c: c.prompt)
     return {"size": size or model.config.image_size, "sampling": vars(sampling or model.config.sampling), **rep}
 
 

@@ -69,8 +69,8 @@ def train_tiny_tokenizer(out: str | Path, *, n: int = 2000, seed: int = 0) -> Pa
 
 def check_model(model: str | Path, *, n: int = 16, seeds: tuple[int, ...] = (0,), device: str = "auto",
                 out_json: str | Path | None = None) -> dict[str, Any]:
-    """Checker scores of ``model`` on the first ``n`` held-out (test split) prompts, edits and questions
-    (`vargpt.eval.tasks`), at the model's own image size. Writes ``out_json``."""
+    """Checker scores of ``model`` on the first ``n`` held-out (test split) prompts, edits (at the model's own
+    image size) and questions (64 px pictures) with `vargpt.eval.tasks`. Writes ``out_json``."""
     from vargpt.eval import tasks
     from vargpt.pipeline import VARGPTPipeline
 
@@ -79,10 +79,11 @@ def check_model(model: str | Path, *, n: int = 16, seeds: tuple[int, ...] = (0,)
     t0 = time.perf_counter()
     t2i = tasks.evaluate_t2i(pipe.model, tasks.t2i_cases(n), seeds=seeds, progress=False)
     edit = tasks.evaluate_edit(pipe.model, tasks.edit_cases(n, size=size), seeds=seeds, progress=False)
-    vqa = tasks.evaluate_vqa(pipe, tasks.vqa_cases(n, size=size), progress=False)
+    vqa = tasks.evaluate_vqa(pipe, tasks.vqa_cases(n), progress=False)  # 64 px, as the understanding stage
     report = {"model": str(model), "n": n, "seeds": list(seeds), "size": size, "t2i": t2i["score"]["mean"],
               "t2i_by_category": t2i["by_group"], "edit": edit["score"]["mean"], "edit_satisfied":
-              edit["satisfied"], "edit_preserved": edit["preserved"], "vqa": vqa["accuracy"],
+              edit["satisfied"]["mean"], "edit_preserved": edit["preserved"]["mean"],
+              "t2i_object_recall": t2i["object_recall"]["mean"], "vqa": vqa["accuracy"],
               "vqa_by_kind": vqa["by_group"], "seconds": round(time.perf_counter() - t0, 1)}
     if out_json is not None:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)

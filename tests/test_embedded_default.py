@@ -1,0 +1,55 @@
+"""The shipped embedded default (src/vargpt/assets/tiny): it loads with no arguments, in the released key layout,
+and does its three jobs better than an untrained model of the same size."""
+
+import json
+
+import pytest
+import torch
+
+from vargpt.data.scene import CELL_NAMES, COLOURS, SHAPES
+from vargpt.data.shapesworld import NUMBERS
+from vargpt.eval import tasks
+from vargpt.eval.checker import normalise_answer
+from vargpt.pipeline import VARGPTPipeline, default_model_dir
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.set_num_threads(1)
+    return VARGPTPipeline.from_pretrained(None, device="cpu", progress=False)
+
+
+def test_ships_weights_tokenizer_and_its_check_report():
+    d = default_model_dir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "check.json"):
+        assert (d / name).is_file(), f"{d / name} missing: rebuild with scripts/build_embedded_default.sh"
+    report = json.loads((d / "check.json").read_text())
+    assert {"t2i", "edit", "vqa"} <= set(report)
+
+
+def test_released_layout_and_tokenizer(pipe):
+    keys = pipe.model.state_dict().keys()
+    for prefix in ("model.", "visual.", "lm_head.", "vargpt_gen.", "vae_local.", "image_gen_projector."):
+        assert any(k.startswith(prefix) for k in keys), prefix
+    tok = pipe.processor.tokenizer
+    ids = tok.encode("A red circle to the left of a blue square.")
+    assert tok.decode(ids) == "A red circle to the left of a blue square."
+    assert len(ids) < 20  # a BPE trained on ShapesWorld text, not bytes
+
+
+def test_generates_reproducibly_at_both_sizes(pipe):
+    a = pipe.generate(["A red circle.", "Two blue squares."], seed=3)
+    b = pipe.generate(["A red circle.", "Two blue squares."], seed=3)
+    assert [im.size for im in a] == [(128, 128)] * 2
+    assert [im.tobytes() for im in a] == [im.tobytes() for im in b]
+    assert pipe.generate("A green triangle.", size=64)[0].size == (64, 64)
+
+
+def test_answers_in_the_answer_vocabulary(pipe):
+    """An untrained model of this size emits arbitrary tokens; the shipped one answers held-out questions with
+    ShapesWorld answers (yes/no, a colour, a shape, a number, a place) and gets some right."""
+    vocab = {"yes", "no", *COLOURS, *SHAPES, *NUMBERS, *CELL_NAMES}
+    rep = tasks.evaluate_vqa(pipe, tasks.vqa_cases(16), progress=False)
+    well_formed = [normalise_answer(a["predicted"]) in vocab for a in rep["answers"]]
+    assert sum(well_formed) >= 12, rep["answers"]
+    assert rep["accuracy"] >= 0.15, rep["answers"]
