@@ -114,6 +114,16 @@ def test_init_starts_from_earlier_weights_and_refuses_other_sizes(tmp_path):
                        vae_overrides={"base_ch": 64}))
 
 
+def test_time_budget_keeps_the_plan_when_it_fits_and_stops_when_it_does_not(tmp_path):
+    data = _write_images(tmp_path / "imgs")
+    fits = train_vae(_cfg(tmp_path, data, steps=70, max_minutes=30.0, out=str(tmp_path / "a"), ckpt_every=70))
+    assert fits.steps == 70
+    short = train_vae(_cfg(tmp_path, data, steps=100_000, max_minutes=0.03, out=str(tmp_path / "b"),
+                           ckpt_every=100_000))
+    assert 1 <= short.steps < 100_000 and short.seconds < 30
+    assert latest_checkpoint(tmp_path / "b").step == short.steps  # the step reached is saved
+
+
 def test_bad_training_inputs(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         train_vae(_cfg(tmp_path, tmp_path / "nope"))

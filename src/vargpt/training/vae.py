@@ -76,7 +76,7 @@ class VAETrainConfig:
     resume: bool = False
     init: str | None = None  # warm start: weights from a `vargpt train vae` output (OUT or OUT/model), new optimiser
     progress: bool = True
-    max_minutes: float | None = None  # time budget: after 60 steps, shrink `steps` (and the LR schedule) to fit
+    max_minutes: float | None = None  # time budget: fit `steps` (at most as given) and the LR schedule to it
     vae_overrides: dict[str, Any] | None = None  # VAEConfig fields replacing the preset's (e.g. {"base_ch": 64})
 
     def validate(self) -> None:
@@ -327,14 +327,18 @@ def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
         from tqdm import tqdm
 
         bar = tqdm(bar, initial=start, total=cfg.steps, desc="train vae", dynamic_ncols=True)
-    fit_from = start + 10  # time budget: steps are timed from here (warm), the plan refitted every 100 steps
+    # time budget: from step fit_from on (warm), every 100 steps the plan is refitted to the rate of the steps since
+    # the last refit, so a slow spell (another job on the machine) shortens the run only while it lasts
+    requested, fit_from = cfg.steps, start + 10
     for step in bar:
         if step == fit_from:
-            t_fit = time.time()
-        if cfg.max_minutes and step > fit_from and (step - fit_from) % 100 == 50 and step < cfg.steps:
-            per_step = (time.time() - t_fit) / (step - fit_from)
-            left = int((cfg.max_minutes * 60 - (time.time() - t0)) / per_step)
-            cfg.steps = max(step + 1, min(cfg.steps, step + left))
+            t_fit, s_fit = time.time(), step
+        if cfg.max_minutes and step > fit_from and (step - fit_from) % 100 == 50:
+            now = time.time()
+            per_step = (now - t_fit) / (step - s_fit)
+            t_fit, s_fit = now, step
+            left = int((cfg.max_minutes * 60 - (now - t0)) / per_step)
+            cfg.steps = max(step + 1, min(requested, step + left))
             if cfg.progress:
                 bar.total = cfg.steps
         if cfg.max_minutes and step > start and time.time() - t0 > cfg.max_minutes * 60:
