@@ -93,16 +93,10 @@ def _batches(n: int, batch: int) -> list[range]:
     return [range(i, min(n, i + batch)) for i in range(0, n, batch)]
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Any:
+def _progress(items: Sequence[Any] | None, desc: str, enabled: bool, total: int | None = None) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True)
-
-
-def _progress_iter(items: Sequence[Any], desc: str, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, disable=not enabled, dynamic_ncols=True)
+    return tqdm(items, total=total, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
 def _over_seeds(name: str, cases: Sequence[Any], seeds: Sequence[int], batch: int, progress: bool,
@@ -113,7 +107,7 @@ def _over_seeds(name: str, cases: Sequence[Any], seeds: Sequence[int], batch: in
     metrics (its ``"score"`` also per ``group``); image i under seed s is drawn with seed s * SEED_STRIDE + i."""
     per_seed, kept = [], []
     t0 = time.perf_counter()
-    bar = _progress(len(cases) * len(seeds), name, progress)
+    bar = _progress(None, name, progress, total=len(cases) * len(seeds))
     for s in seeds:
         rows, groups = [], defaultdict(list)
         for idx in _batches(len(cases), batch):
@@ -207,7 +201,7 @@ def evaluate_vqa(pipe: Any, cases: Sequence[VQACase], *, max_new_tokens: int = 1
     """Greedy answers of ``pipe`` (a `VARGPTPipeline`) to ``cases``, exact-match accuracy overall and per type."""
     t0 = time.perf_counter()
     by_kind, answers = defaultdict(list), []
-    for c in _progress_iter(cases, "vqa", progress):
+    for c in _progress(cases, "vqa", progress):
         pred = pipe.chat(c.question, c.image, max_new_tokens=max_new_tokens)
         by_kind[c.kind].append(score_answer(pred, c.answer))
         answers.append({"question": c.question, "answer": c.answer, "predicted": pred})
