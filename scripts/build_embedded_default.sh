@@ -88,7 +88,7 @@ train_stage tiny_understanding "$DATA/train64" "model.tokenizer=$TOK" "model.vae
 train_stage tiny_3a_64px "$DATA/train64" "model.checkpoint=$ROOT/tiny_understanding/model"
 train_stage tiny_3b_128px "$DATA/train128" "model.checkpoint=$ROOT/tiny_3a_64px/model"
 train_stage tiny_dpo "$DATA/train128" "model.checkpoint=$ROOT/tiny_3b_128px/model"
-train_stage tiny_edit "$DATA/train128" "model.checkpoint=$ROOT/tiny_dpo/model"
+train_stage tiny_edit "$DATA/train128" "model.checkpoint=$ROOT/tiny_dpo/model" "data.sources.1.path=$DATA/train64"
 FINAL=$ROOT/tiny_edit/model
 
 # ---- check: generations, edits and answers on held-out records, scored by the ShapesWorld checker

@@ -48,3 +48,26 @@ def test_class_images_and_training_entry_point(tmp_path):
     assert result["loss"] > 0
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "samples.png").is_file()
+
+
+def test_checkpoints_and_resume_reach_the_uninterrupted_weights(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from vargpt.training.checkpoint import list_checkpoints
+    from vargpt.training.class_decoder import main
+
+    args = ["--steps", "6", "--batch-size", "2", "--pool", "5", "--classes", "shape", "--warmup", "1",
+            "--log-every", "1", "--ckpt-every", "2", "--keep-last", "5", "--self-correction", "0.3",
+            "--device", "cpu"]
+    main(["--out", str(tmp_path / "full"), *args])
+    assert [c.step for c in list_checkpoints(tmp_path / "full")] == [2, 4, 6]
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")  # as if killed after the checkpoint of step 4:
+    shutil.rmtree(tmp_path / "cut" / "model")
+    shutil.rmtree(list_checkpoints(tmp_path / "cut")[-1].path)
+    main(["--out", str(tmp_path / "cut"), *args, "--resume"])
+    full, cut = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("full", "cut"))
+    assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+    with (tmp_path / "cut" / "log.csv").open() as f:
+        assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == ["0", "1", "2", "3", "4", "5"]

@@ -94,6 +94,20 @@ def test_errors_come_before_training(data, tmp_path):
     assert not run.exists()
 
 
+def test_per_source_task_filters_mix_tasks(data, tmp_path):
+    toy_model.BUILT.clear()
+    sft = str(data / "sft")
+    train(_recipe(data, tmp_path / "run", max_steps=8, data={"sources": [
+        {"path": sft, "format": "shapesworld", "tasks": ["t2i"]},
+        {"path": sft, "format": "shapesworld", "weight": 0.5, "tasks": ["caption"]}]}))
+    seen = toy_model.BUILT[0].seen_tasks
+    assert len(seen) == 32 and set(seen) == {"t2i", "caption"}
+    assert seen.count("t2i") > seen.count("caption")  # 7 t2i records per epoch + half of the 7 captions
+    with pytest.raises(Exception, match="no non-preference records left.*tasks edit"):
+        train(_recipe(data, tmp_path / "run2", data={"sources": [
+            {"path": sft, "format": "shapesworld", "tasks": ["edit"]}]}))
+
+
 def test_cli_rejects_unknown_field_before_training(data, tmp_path, capsys):
     from vargpt.cli import main
 

@@ -152,6 +152,14 @@ def test_metrics():
     assert u["ones_frac"] == 0.125 and u["unique_code_frac"] == 0.25 and 0.2 < u["bit_entropy"] < 0.3
 
 
+def test_size_mix_repeats_a_size_for_more_steps(tmp_path):
+    cfg = VAETrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), size=64, extra_sizes=(64, 128), batch_size=16)
+    assert cfg.sizes == (64, 128) and cfg.size_cycle == (64, 64, 128)
+    assert [cfg.batch_for(s) for s in cfg.sizes] == [16, 4]
+    plain = VAETrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), size=64, extra_sizes=(128,))
+    assert plain.sizes == plain.size_cycle == (64, 128)
+
+
 def test_evaluate_vae_report_shapes():
     from vargpt.config import tiny_config
     from vargpt.models.vae import BSQVAE

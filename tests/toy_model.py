@@ -27,6 +27,7 @@ class ToyVARGPT(nn.Module):
     def __init__(self, *, sleep_s: float = 0.0, noise: float = 0.0) -> None:
         super().__init__()
         self.config = tiny_config()
+        self.seen_tasks: list[str] = []  # the task of every training sample, in order (tests read it)
         vocab, stride = self.config.llm.vocab_size, self.config.vae.stride
         patch = 3 * self.config.vision.temporal_patch_size * self.config.vision.patch_size ** 2
         self.visual = nn.Linear(patch, WIDTH)
@@ -66,6 +67,7 @@ class ToyVARGPT(nn.Module):
     def training_losses(self, batch: dict) -> dict[str, Tensor]:
         if self.sleep_s:
             time.sleep(self.sleep_s)
+        self.seen_tasks.extend(batch.get("tasks", ()))
         h = self._hidden(batch)
         out = {"text_loss": text_loss(self.lm_head(h), batch["labels"])}
         loss = out["text_loss"]

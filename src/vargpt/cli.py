@@ -162,7 +162,7 @@ def train_vae_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, cosine decay).")] = 1e-3,
     size: Annotated[str, typer.Option("--size", help="Square training size in pixels; several, e.g. 64,128, "
-                                      "alternate step by step.")] = "64",
+                                      "alternate step by step (a size listed twice gets twice the steps).")] = "64",
     recon: Annotated[str, typer.Option("--recon", help="Reconstruction loss: l1, l2 or l1+l2.")] = "l1+l2",
     adversarial_weight: Annotated[float, typer.Option("--adversarial-weight", help="PatchGAN term (0 = off).")] = 0.0,
     prefix_weight: Annotated[float, typer.Option("--prefix-weight", help="Weight of the reconstruction from the "

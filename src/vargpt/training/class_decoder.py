@@ -9,7 +9,10 @@ linear warm-up then cosine decay, gradient clipping. At the end: ``OUT/model`` (
 config.json), ``OUT/log.csv``, ``OUT/loss.png`` and ``OUT/samples.png`` (one sample per class, cfg 3).
 ``object_size`` = "small"/"large" renders every object at that size ("any": random), ``cell`` in 0-8 puts it
 in that grid cell (-1: random), ``background`` fixes the background ("any": random); ``threads`` > 0 sets
-torch's intra-op threads (1 is fastest for these tiny shapes on a loaded 2-core machine).
+torch's intra-op threads (1 is fastest for these tiny shapes on a loaded 2-core machine). Every ``ckpt_every``
+steps a checkpoint (weights, optimiser, both generators, smoothed metrics) is written atomically to
+``OUT/checkpoints``; ``resume`` continues from the newest one (the latent pool is rebuilt from the seed) and
+reaches the same weights as an uninterrupted run.
 
 With ``vae=None`` a randomly initialised VAE is used: the decoder still learns (the bits are a deterministic
 function of the image) and the run exercises every step, but the sample picture is meaningless; pass a
@@ -41,7 +44,7 @@ from vargpt.models.quantizer import multiscale_bits
 from vargpt.models.vae import BSQVAE
 from vargpt.runtime import resolve_device
 from vargpt.scales import schedule_for_size
-from vargpt.training.checkpoint import save_model_dir
+from vargpt.training.checkpoint import latest_checkpoint, save_checkpoint, save_model_dir
 from vargpt.training.plots import Panel, plot_metrics, read_rows
 
 __all__ = ["ClassDecoderTrainConfig", "class_names", "make_class_images", "plot_log", "train_class_decoder", "main"]
@@ -69,6 +72,9 @@ class ClassDecoderTrainConfig:
     device: str = "auto"
     threads: int = 0
     self_correction: float = 0.0  # bitwise self-correction strength (released: 0.3), see the module docstring
+    ckpt_every: int = 250
+    keep_last: int = 2
+    resume: bool = False  # continue from the newest checkpoint in OUT/checkpoints
 
 
 def class_names(kind: str) -> list[str]:
@@ -146,11 +152,32 @@ def train_class_decoder(cfg: ClassDecoderTrainConfig) -> dict[str, float]:
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     order = torch.Generator().manual_seed(cfg.seed + 1)
     ema_loss = ema_acc = None
-    t0 = time.time()
+    start, t0 = 0, time.time()
+    if cfg.resume and (ck := latest_checkpoint(out)) is not None:
+        model.load_state_dict(ck.model_state())
+        extra = ck.optimizer_state(map_location=device)
+        opt.load_state_dict(extra["optimizer"])
+        gen.set_state(extra["gen"])
+        order.set_state(extra["order"])
+        start, ema_loss, ema_acc = ck.step, extra["ema_loss"], extra["ema_acc"]
+        t0 -= extra["seconds"]
+        print(f"resuming from {ck.path} (step {start})", flush=True)
+
+    def save(step: int) -> None:
+        extra = {"optimizer": opt.state_dict(), "gen": gen.get_state(), "order": order.get_state(),
+                 "ema_loss": ema_loss, "ema_acc": ema_acc, "seconds": time.time() - t0}
+        save_checkpoint(out, step, model_state=model.state_dict(), optimizer_state=extra,
+                        state={"train_config": dataclasses.asdict(cfg)}, keep_last=cfg.keep_last)
+
+    kept = []  # log rows before the step we resume from
+    if start and (out / "log.csv").is_file():
+        with (out / "log.csv").open(newline="") as f:
+            kept = [r for r in list(csv.reader(f))[1:] if int(r[0]) < start]
     with (out / "log.csv").open("w", newline="") as f:
         log = csv.writer(f)
         log.writerow(["step", "loss", "bit_accuracy", "lr", "seconds"])
-        for step in range(cfg.steps):
+        log.writerows(kept)
+        for step in range(start, cfg.steps):
             idx = torch.randint(0, cfg.pool, (cfg.batch_size,), generator=order).to(device)
             batch = multiscale_bits(latents[idx], schedule, self_correction=correction, generator=gen)
             for group in opt.param_groups:
@@ -166,7 +193,10 @@ def train_class_decoder(cfg: ClassDecoderTrainConfig) -> dict[str, float]:
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 log.writerow([step, f"{loss:.5f}", f"{res.bit_accuracy:.4f}", f"{_lr(step, cfg):.2e}",
                               f"{time.time() - t0:.1f}"])
+                f.flush()
                 print(f"step {step:5d}  loss {ema_loss:.4f}  bit acc {ema_acc:.4f}", flush=True)
+            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+                save(step + 1)
 
     plot_log(out / "log.csv", out / "loss.png")
     model.eval()
@@ -193,9 +223,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     defaults = ClassDecoderTrainConfig(out="")
     for f in dataclasses.fields(ClassDecoderTrainConfig):
-        default = getattr(defaults, f.name)
+        default, flag = getattr(defaults, f.name), f"--{f.name.replace('_', '-')}"
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true")
+            continue
         kind = {int: int, float: float}.get(type(default), str)
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default, required=f.name == "out")
+        p.add_argument(flag, type=kind, default=default, required=f.name == "out")
     args = p.parse_args(argv)
     result = train_class_decoder(ClassDecoderTrainConfig(**vars(args)))
     print(f"done: loss {result['loss']:.4f}, bit accuracy {result['bit_accuracy']:.4f}, model in {args.out}/model")

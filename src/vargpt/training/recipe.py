@@ -84,11 +84,13 @@ STAGES: tuple[str, ...] = ("pretrain", "sft_understanding", "sft_gen", "sft_mixe
 @dataclass
 class DataSource:
     """One JSONL (or JSON list) of records. ``weight``: how many times each record is drawn per epoch on average
-    (2 = every record twice, 0.5 = a random half each epoch)."""
+    (2 = every record twice, 0.5 = a random half each epoch). ``tasks``: keep only these record tasks from this
+    source (default: ``data.tasks``), so one file can give edits and another the answers mixed in beside them."""
 
     path: str
     format: Literal["chat", "released", "shapesworld"] = "chat"
     weight: float = 1.0
+    tasks: list[str] | None = None
 
 
 @dataclass

@@ -348,11 +348,12 @@ def train(recipe: Recipe, *, resume: bool = False, device: str = "auto") -> Trai
         recs = read_records(src.path, src.format)
         for r in recs:
             r.id = f"{i}:{r.id}"
-        recs = [r for r in recs if r.is_pair == dpo and (recipe.data.tasks is None or r.task in recipe.data.tasks)]
+        tasks = src.tasks if src.tasks is not None else recipe.data.tasks
+        recs = [r for r in recs if r.is_pair == dpo and (tasks is None or r.task in tasks)]
         if not recs:
             kind = "preference (chosen/rejected)" if dpo else "non-preference"
             raise InputError(f"{src.path}: no {kind} records left for stage {recipe.stage}"
-                             f"{' and tasks ' + ','.join(recipe.data.tasks) if recipe.data.tasks else ''}")
+                             f"{' and tasks ' + ','.join(tasks) if tasks else ''}")
         sources.append(recs)
 
     # ---- model, freezing

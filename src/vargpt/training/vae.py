@@ -59,7 +59,8 @@ class VAETrainConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     size: int = 64
-    extra_sizes: tuple[int, ...] = ()  # also train at these sizes (steps cycle through them, batch scaled by area)
+    extra_sizes: tuple[int, ...] = ()  # also train at these sizes (steps cycle through them, batch scaled by area;
+    # a size repeated in (size, *extra_sizes) takes that many steps of each cycle: 64,64,128 = 2:1)
     recon_loss: Literal["l1", "l2", "l1+l2"] = "l1+l2"
     commitment_weight: float = 0.25
     entropy_weight: float = 0.1
@@ -92,7 +93,13 @@ class VAETrainConfig:
 
     @property
     def sizes(self) -> tuple[int, ...]:
-        return (self.size, *[v for v in self.extra_sizes if v != self.size])
+        """The distinct training sizes, in order of first appearance."""
+        return tuple(dict.fromkeys(self.size_cycle))
+
+    @property
+    def size_cycle(self) -> tuple[int, ...]:
+        """The size of each step of one cycle (step ``s`` trains at ``size_cycle[s % len]``)."""
+        return (self.size, *self.extra_sizes)
 
     def batch_for(self, size: int) -> int:
         """Batch size at ``size``: ``batch_size`` at the smallest size, scaled by pixel area above it."""
@@ -345,7 +352,7 @@ def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
             cfg.steps = step  # hard stop; the checkpoint below is written at the step reached
         if step >= cfg.steps:
             break
-        size = sizes[step % len(sizes)]
+        size = cfg.size_cycle[step % len(cfg.size_cycle)]
         bs, idx = cfg.batch_for(size), []
         while len(idx) < bs:  # epoch-wise permutation, reproducible across resumes
             if pos >= len(perm):
