@@ -237,12 +237,12 @@ def test_kv_cached_sampling_equals_uncached():
 
 
 @torch.no_grad()
-def test_batch_of_four_equals_four_single_calls():
+def test_batch_of_eight_equals_eight_single_calls():
     dec = _tiny_decoder(seed=3)
-    lengths = [4, 1, 6, 3]
+    lengths = [4, 1, 6, 3, 2, 5, 1, 7]
     cond, uncond = _conditions(dec, lengths, seed=2)
     sampling = SamplingConfig(cfg=3.0, tau=0.5, top_k=900, top_p=0.97)
-    seeds = [11, 12, 13, 14]
+    seeds = [11, 12, 13, 14, 15, 16, 17, 18]
     batch = sample_image_tokens(dec, DecoderCondition.cat(cond, uncond), SCHED_64, sampling,
                                 generator=[torch.Generator().manual_seed(s) for s in seeds])
     for i, (s, n) in enumerate(zip(seeds, lengths, strict=True)):
