@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the embedded default model (src/vargpt/assets/tiny) from scratch with the project's own code:
-#   ShapesWorld training data (64 and 128 px) -> tiny BPE tokenizer -> BSQ VAE (`vargpt train vae`, 64+128 px)
+#   ShapesWorld training data (64 and 128 px) -> tiny BPE tokenizer -> BSQ VAE (`vargpt train vae`, 2 steps at 64 px per step at 128 px)
 #   -> recipes tiny_understanding -> tiny_3a_64px -> tiny_3b_128px -> tiny_dpo -> tiny_edit (each from the previous
 #   stage's model/) -> checker scores on held-out records -> copy the final model into src/vargpt/assets/tiny.
 #
@@ -73,7 +73,7 @@ done
 # ---- tokenizer, VAE
 run_stage tokenizer "$TOK/tokenizer.json" "$PYTHON" -m vargpt.training.embedded tokenizer --out "$TOK" --n "$TOK_N"
 run_stage vae "$VAE/model/config.json" \
-    "$PYTHON" -m vargpt train vae --data "$VAE_DATA" --out "$VAE" --size 64,128 --batch-size "$VAE_BATCH" \
+    "$PYTHON" -m vargpt train vae --data "$VAE_DATA" --out "$VAE" --size 64,64,128 --batch-size "$VAE_BATCH" \
     --steps "$VAE_STEPS" --device "$VAE_DEVICE" --resume ${VAE_INIT:+--init "$VAE_INIT"}
 
 # ---- the unified model, stage by stage (each from the previous stage's model/)
