@@ -311,3 +311,17 @@ def test_bad_prompt_inputs(tiny_model):
         tiny_model.processor([{"role": "user", "content": "<image> what?"}], [img, img])
     with pytest.raises(InputError, match="at most 4096"):
         tiny_model.generate_images("a " * 3000, size=64)
+
+
+@torch.no_grad()
+def test_cfg_one_skips_the_unconditional_rows(tiny_model):
+    """cfg 1 at every scale: no unconditional branch, also in the default (cached) unconditional mode."""
+    assert not tiny_model.config.compat.published_uncond_branch
+    ids = torch.tensor([[5, 6, 7, tiny_model.config.tokens.image_gen_start]])
+    one = SamplingConfig(cfg=1.0, tau=0.5, top_k=900, top_p=0.97)
+    a = tiny_model.generate_images(input_ids=ids, size=64, seed=3, sampling=one)
+    b = tiny_model.generate_images(input_ids=ids, size=64, seed=3, sampling=one)
+    guided = tiny_model.generate_images(input_ids=ids, size=64, seed=3,
+                                        sampling=SamplingConfig(cfg=3.0, tau=0.5, top_k=900, top_p=0.97))
+    assert a.images.shape == (1, 3, 64, 64) and torch.equal(a.images, b.images)
+    assert any(not torch.equal(x, y) for x, y in zip(a.bits, guided.bits, strict=True))

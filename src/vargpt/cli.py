@@ -84,6 +84,31 @@ def data_shapesworld(
     typer.echo(json.dumps(summary))
 
 
+@data_app.command("preferences")
+def data_preferences(
+    out: Annotated[Path, typer.Option("--out", help="Output directory (records.jsonl, images, summary.json).")],
+    model: Annotated[Path | None, typer.Option("--model", help="Model to sample (default: the embedded one).")] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Text-to-image prompts.")] = 1024,
+    samples: Annotated[int, typer.Option("--samples", min=2, help="Images drawn per prompt.")] = 4,
+    size: Annotated[int, typer.Option("--size", help="Image size in pixels.")] = 64,
+    split: Annotated[str, typer.Option("--split", help="ShapesWorld split of the prompts.")] = "train",
+    seed: Annotated[int, typer.Option("--seed", help="Prompt-set and sampling seed.")] = 0,
+    cfg: Annotated[float | None, typer.Option("--cfg", help="CFG scale (default: the model's).")] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Images per generation call.")] = 32,
+    render_chosen: Annotated[bool, typer.Option("--render-chosen", help="Where no sample passes, use the "
+                                                "faithful render as the chosen image.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """On-policy DPO pairs: the model's passing vs failing samples on ShapesWorld prompts, judged by the checker."""
+    from vargpt.training.preferences import PreferenceConfig, build_preferences
+
+    pipe = _pipeline(model, device, "auto")
+    summary = build_preferences(pipe.model, PreferenceConfig(
+        out=str(out), n=n, samples=samples, size=size, split=split, seed=seed, batch=batch,
+        render_chosen=render_chosen), sampling=pipe.sampling_config(cfg))
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k not in ("config", "sampling")}))
+
+
 # ----------------------------------------------------------------------------------------------- check
 
 

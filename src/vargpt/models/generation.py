@@ -297,9 +297,8 @@ def sample_from_prompt(decoder: VisualDecoder, projector_in: GenProjector, proje
     guided = any(c != 1 for c in per_scale(sampling.cfg, len(schedule), "cfg"))
     cond = generation_condition(decoder, sos, context, context_mask, guided=guided,
                                 uncond_context_BNC=uncond_context_BNC, uncond_context_mask_BN=uncond_context_mask_BN)
-    uncond_cache = None
-    if guided and uncond_mode == "cached":
-        uncond_cache = new_cache()
+    uncond_cache = new_cache() if uncond_mode == "cached" else None  # stays empty when cfg is 1 at every scale
+    if guided and uncond_cache is not None:
         if uncond_inputs_embeds_BSH is not None:
             llm(uncond_inputs_embeds_BSH.expand(B, -1, -1), cache=uncond_cache)
     hook = LLMScaleHook(llm, projector_in, projector_out, cond_cache=cache, cond_attention_mask=mask, batch_size=B,

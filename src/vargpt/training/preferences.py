@@ -1,0 +1,129 @@
+"""On-policy preference pairs for DPO: sample the model on training prompts, judge with the checker, keep contrasts.
+
+The released DPO stage trains on (prompt, chosen image, rejected image) records; how the released pairs were
+made is not in the code (reference-facts section 9). ShapesWorld's own DPO records pair a faithful render with
+a structured corruption of it: both images are far from what a small generator draws, so their log-probability
+gap says little about the model's own mistakes. Here the pairs come from the model itself, judged by the
+deterministic checker (`vargpt.eval.checker`), so DPO moves probability from the model's failing samples to its
+passing ones:
+
+* for each of ``n`` text-to-image prompts of a ShapesWorld split (``train`` by default, so no held-out colour-shape
+  pair or composition is ever seen), draw ``samples`` images with the model's sampling settings;
+* score each (GenEval-style 0/1 score first, `object_recall` to break ties);
+* chosen = best sample, rejected = worst; the pair is kept when the chosen one is strictly better (it passes and
+  the rejected one fails, or neither passes and it shows more of the requested objects). With ``render_chosen``, a
+  prompt where no sample passes pairs the faithful render (chosen) with the worst sample instead; prompts whose
+  samples all tie (every one passes, or all equally wrong) give no pair.
+
+Output: ``DIR/records.jsonl`` in our chat format (``task: dpo``, ``messages`` = the prompt, ``chosen`` /
+``rejected`` = ``<image_gen>``, ``images`` = [chosen, rejected], ``meta`` with both scores) and the PNGs beside it,
+plus ``DIR/summary.json`` (pass rate of all samples, pairs kept, prompts without contrast). A recipe reads it as a
+``format: chat`` source. Everything is seeded: same model, arguments and seed -> same bytes.
+
+Command line: ``vargpt data preferences --model M --out DIR`` (see `vargpt.cli`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from vargpt.config import SamplingConfig
+from vargpt.data.shapesworld import make_record
+from vargpt.errors import InputError
+from vargpt.eval.checker import object_recall, parse_scene, score_prompt
+from vargpt.pipeline import to_pil
+
+__all__ = ["PreferenceConfig", "build_preferences"]
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    out: str
+    n: int = 1024  # prompts
+    samples: int = 4  # images per prompt
+    size: int = 64
+    split: str = "train"
+    seed: int = 0  # prompt set (ShapesWorld seed) and sampling seeds
+    batch: int = 32  # images per generation call
+    render_chosen: bool = False  # no passing sample: pair the faithful render with the worst sample
+
+    def validate(self) -> None:
+        if self.n < 1 or self.samples < 2 or self.batch < 1:
+            raise InputError(f"preferences: need n >= 1, samples >= 2 and batch >= 1 (got n={self.n}, "
+                             f"samples={self.samples}, batch={self.batch})")
+
+
+def _judge(img: Any, prompt: str) -> tuple[float, float]:
+    scene = parse_scene(img)
+    return score_prompt(scene, prompt).score, object_recall(scene, prompt)
+
+
+@torch.no_grad()
+def build_preferences(model: Any, cfg: PreferenceConfig, *, sampling: SamplingConfig | None = None,
+                      progress: bool = True) -> dict[str, Any]:
+    """Write on-policy DPO records for ``model`` (a `VARGPT`) under ``cfg.out``; returns the summary."""
+    cfg.validate()
+    out = Path(cfg.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    per_call = max(1, cfg.batch // cfg.samples)
+    counts: Counter[str] = Counter()
+    sample_scores: list[float] = []
+    tmp = out / "records.jsonl.tmp"
+    bar = tqdm(total=cfg.n, desc="preferences", unit="prompt", disable=not progress, dynamic_ncols=True)
+    with tmp.open("w") as f:
+        for start in range(0, cfg.n, per_call):
+            idx = range(start, min(cfg.n, start + per_call))
+            recs = [make_record(i, split=cfg.split, seed=cfg.seed, size=cfg.size, tasks=("t2i",)) for i in idx]
+            prompts = [r["messages"][0]["content"] for r, _ in recs]
+            seeds = [cfg.seed * 1_000_003 + i * cfg.samples + j for i in idx for j in range(cfg.samples)]
+            images = to_pil(model.generate_images(prompts, n=cfg.samples, size=cfg.size, sampling=sampling,
+                                                  seed=seeds).images)
+            for k, ((rec, truth), prompt) in enumerate(zip(recs, prompts, strict=True)):
+                group = images[k * cfg.samples:(k + 1) * cfg.samples]
+                judged = [_judge(im, prompt) for im in group]
+                sample_scores += [s for s, _ in judged]
+                best = max(range(len(group)), key=lambda j: judged[j])
+                worst = min(range(len(group)), key=lambda j: judged[j])
+                chosen_img, chosen_score, source = group[best], judged[best], "sample"
+                if judged[best][0] == 0 and cfg.render_chosen:
+                    chosen_img, chosen_score, source = truth[rec["images"][0]], (1.0, 1.0), "render"
+                if not chosen_score > judged[worst]:
+                    counts["all_pass" if judged[worst][0] > 0 else "none_pass"] += 1
+                    continue
+                counts[f"pairs_{source}"] += 1
+                stem = f"images/{rec['id']}"
+                chosen_img.save(out / f"{stem}_chosen.png")
+                group[worst].save(out / f"{stem}_rejected.png")
+                f.write(json.dumps({
+                    "id": rec["id"], "task": "dpo", "messages": [{"role": "user", "content": prompt}],
+                    "chosen": {"role": "assistant", "content": "<image_gen>"},
+                    "rejected": {"role": "assistant", "content": "<image_gen>"},
+                    "images": [f"{stem}_chosen.png", f"{stem}_rejected.png"],
+                    "meta": {"category": rec["meta"]["category"], "chosen_from": source,
+                             "chosen_score": list(chosen_score), "rejected_score": list(judged[worst]),
+                             "sample_scores": [s for s, _ in judged]}}) + "\n")
+            bar.update(len(idx))
+        f.flush()
+        os.fsync(f.fileno())
+    bar.close()
+    tmp.replace(out / "records.jsonl")
+    pairs = counts["pairs_sample"] + counts["pairs_render"]
+    if pairs == 0:
+        raise InputError(f"preferences: none of {cfg.n} prompts gave a pair (every sample "
+                         f"{'passed' if counts['all_pass'] else 'was equally wrong'}); draw more --samples per prompt"
+                         + ("" if cfg.render_chosen else " or pass --render-chosen"))
+    summary = {"config": asdict(cfg), "sampling": vars(sampling or model.config.sampling),
+               "sample_pass_rate": statistics.fmean(sample_scores), "pairs": pairs,
+               "pairs_sample_chosen": counts["pairs_sample"], "pairs_render_chosen": counts["pairs_render"],
+               "prompts_all_pass": counts["all_pass"], "prompts_none_pass": counts["none_pass"]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

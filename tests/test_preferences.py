@@ -1,0 +1,103 @@
+"""On-policy preference pairs (`vargpt.training.preferences`, `vargpt data preferences`)."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+from vargpt.config import SamplingConfig
+from vargpt.data.records import RecordDataset, read_records
+from vargpt.data.shapesworld import make_record
+from vargpt.errors import InputError
+from vargpt.eval.checker import parse_scene, score_prompt
+from vargpt.training.preferences import PreferenceConfig, build_preferences
+
+
+class ScriptedModel:
+    """Draws the faithful render of each prompt's scene where ``passes(j)`` (j = sample index within the prompt),
+    an empty background otherwise: a generator whose checker verdicts the test knows in advance."""
+
+    def __init__(self, split: str, seed: int, size: int, passes) -> None:
+        self.split, self.seed, self.size, self.passes = split, seed, size, passes
+        self.config = SimpleNamespace(sampling=SamplingConfig())
+        self.prompt_index = 0
+
+    def generate_images(self, prompts, *, n, size, sampling, seed):
+        assert len(seed) == len(prompts) * n and size == self.size
+        out = []
+        for p in prompts:
+            rec, imgs = make_record(self.prompt_index, split=self.split, seed=self.seed, size=size, tasks=("t2i",))
+            assert rec["messages"][0]["content"] == p
+            self.prompt_index += 1
+            good = np.asarray(imgs[rec["images"][0]], dtype=np.float32)
+            blank = np.full_like(good, 255.0)
+            out += [good if self.passes(j) else blank for j in range(n)]
+        x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+        return SimpleNamespace(images=x / 127.5 - 1)
+
+
+def test_pairs_passing_against_failing_samples(tmp_path):
+    model = ScriptedModel("train", 0, 64, passes=lambda j: j % 2 == 0)
+    summary = build_preferences(model, PreferenceConfig(out=str(tmp_path), n=5, samples=4, batch=8),
+                                progress=False)
+    assert summary["pairs"] == summary["pairs_sample_chosen"] == 5
+    assert summary["sample_pass_rate"] == pytest.approx(0.5)
+    recs = read_records(tmp_path)
+    assert [r.task for r in recs] == ["dpo"] * 5
+    for r in recs:
+        chosen, rejected = (Image.open(p) for p in r.images)
+        prompt = r.messages[0]["content"]
+        assert score_prompt(parse_scene(chosen), prompt).score == 1.0
+        assert score_prompt(parse_scene(rejected), prompt).score == 0.0
+    raw = json.loads((tmp_path / "records.jsonl").read_text().splitlines()[0])
+    assert raw["meta"]["sample_scores"] == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_no_contrast_gives_no_pair_unless_the_render_is_chosen(tmp_path):
+    with pytest.raises(InputError, match="none of 3 prompts gave a pair.*equally wrong.*--render-chosen"):
+        build_preferences(ScriptedModel("train", 0, 64, passes=lambda j: False),
+                          PreferenceConfig(out=str(tmp_path / "a"), n=3, samples=2), progress=False)
+    with pytest.raises(InputError, match="every sample passed"):
+        build_preferences(ScriptedModel("train", 0, 64, passes=lambda j: True),
+                          PreferenceConfig(out=str(tmp_path / "b"), n=3, samples=2), progress=False)
+    summary = build_preferences(ScriptedModel("train", 0, 64, passes=lambda j: False),
+                                PreferenceConfig(out=str(tmp_path / "c"), n=3, samples=2, render_chosen=True),
+                                progress=False)
+    assert summary["pairs_render_chosen"] == 3 and summary["prompts_none_pass"] == 0
+
+
+
+def test_partial_credit_breaks_ties_between_failing_samples(tmp_path, monkeypatch):
+    """No sample passes, but one shows more of the requested objects: it is chosen over the emptier one."""
+    import vargpt.training.preferences as prefs
+
+    verdicts = iter([(0.0, 0.5), (0.0, 0.0), (0.0, 0.0), (0.0, 0.0)])  # prompt 0: a contrast; prompt 1: a tie
+    monkeypatch.setattr(prefs, "_judge", lambda img, prompt: next(verdicts))
+    summary = build_preferences(ScriptedModel("train", 0, 64, passes=lambda j: False),
+                                PreferenceConfig(out=str(tmp_path), n=2, samples=2), progress=False)
+    assert summary["pairs"] == 1 and summary["prompts_none_pass"] == 1
+    raw = json.loads((tmp_path / "records.jsonl").read_text())
+    assert raw["meta"]["chosen_score"] == [0.0, 0.5] and raw["meta"]["rejected_score"] == [0.0, 0.0]
+
+def test_cli_writes_records_the_dpo_pipeline_reads(tmp_path, capsys, tiny_model_dir):
+    out = tmp_path / "prefs"
+    code, stdout, err = run_cli(capsys, "data", "preferences", "--model", str(tiny_model_dir), "--out", str(out),
+                                "--n", "2", "--samples", "2", "--size", "64", "--render-chosen", "--device", "cpu",
+                                "--cfg", "1")
+    assert code in (0, None), err
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["pairs"] >= 1
+    recs = read_records(out)
+    assert len(recs) == summary["pairs"]
+    from vargpt.models.vargpt import VARGPT
+
+    model = VARGPT.from_pretrained(tiny_model_dir)
+    ds = RecordDataset(recs, model.require_processor(), image_size=64, stride=model.config.vae.stride,
+                       gen_transform="resize", pad_multiple=model.config.decoder.pad_to_multiplier, seed=0,
+                       pairs=True)
+    item = ds[0]
+    assert item["chosen"]["gen_pixel_values"].shape == item["rejected"]["gen_pixel_values"].shape == (1, 3, 64, 64)
