@@ -17,6 +17,9 @@
 #   DEVICE [auto]  the trainer's --device (auto: the GPU when there is one; cpu)
 #   STAGE_ARGS ['']  recipe overrides added to every stage, e.g. "max_steps=500 batch_size=8"
 #   CHECK_N [16*]  held-out (test split) records per kind for the final check     PYTHON [python]
+#   DPO_PAIRS [shapesworld]  onpolicy: DPO on the 3b model's own samples judged by the checker (`vargpt data
+#     preferences`, PREF_N [1536*] prompts x 4, at DPO_SIZE [64]) with recipes/tiny_dpo_onpolicy.yaml instead of
+#     ShapesWorld's render-vs-corruption pairs (docs/training.md, "On-policy DPO": measured from a 64 px SFT model)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,12 +27,17 @@ QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
     ROOT=${ROOT:-runs/embedded_quick}; N_TRAIN=${N_TRAIN:-100}; N_TRAIN128=${N_TRAIN128:-100}; TOK_N=${TOK_N:-300}
     VAE_DATA=${VAE_DATA:-shapesworld:64}; VAE_STEPS=${VAE_STEPS:-6}; CHECK_N=${CHECK_N:-2}
+    PREF_N=${PREF_N:-8}; PREF_ARGS=(--render-chosen)  # a 3-step model's samples may all tie
     QUICK_ARGS=(max_steps=3 log_every=1 checkpoint.every=3 data.num_workers=0)
 else
     ROOT=${ROOT:-runs}; N_TRAIN=${N_TRAIN:-40000}; N_TRAIN128=${N_TRAIN128:-20000}; TOK_N=${TOK_N:-2000}
     VAE_DATA=${VAE_DATA:-shapesworld:5000}; VAE_STEPS=${VAE_STEPS:-10000}; CHECK_N=${CHECK_N:-16}
+    PREF_N=${PREF_N:-1536}; PREF_ARGS=()
     QUICK_ARGS=()
 fi
+DPO_PAIRS=${DPO_PAIRS:-shapesworld}
+DPO_SIZE=${DPO_SIZE:-64}
+[[ $DPO_PAIRS == shapesworld || $DPO_PAIRS == onpolicy ]] || { echo "DPO_PAIRS=$DPO_PAIRS: use shapesworld or onpolicy" >&2; exit 2; }
 VAE_BATCH=${VAE_BATCH:-64}
 DEVICE=${DEVICE:-auto}
 VAE_DEVICE=${VAE_DEVICE:-$DEVICE}
@@ -87,8 +95,17 @@ train_stage() {  # train_stage RECIPE DATA_DIR [overrides...]
 train_stage tiny_understanding "$DATA/train64" "model.tokenizer=$TOK" "model.vae=$VAE"
 train_stage tiny_3a_64px "$DATA/train64" "model.checkpoint=$ROOT/tiny_understanding/model"
 train_stage tiny_3b_128px "$DATA/train128" "model.checkpoint=$ROOT/tiny_3a_64px/model"
-train_stage tiny_dpo "$DATA/train128" "model.checkpoint=$ROOT/tiny_3b_128px/model"
-train_stage tiny_edit "$DATA/train128" "model.checkpoint=$ROOT/tiny_dpo/model" "data.sources.1.path=$DATA/train64"
+if [[ $DPO_PAIRS == onpolicy ]]; then
+    run_stage preferences "$ROOT/prefs/records.jsonl" \
+        "$PYTHON" -m vargpt data preferences --model "$ROOT/tiny_3b_128px/model" --out "$ROOT/prefs" --n "$PREF_N" \
+        --samples 4 --size "$DPO_SIZE" --device "$DEVICE" "${PREF_ARGS[@]}"
+    DPO=tiny_dpo_onpolicy
+    train_stage "$DPO" "$ROOT/prefs" "model.checkpoint=$ROOT/tiny_3b_128px/model" "data.image_size=$DPO_SIZE"
+else
+    DPO=tiny_dpo
+    train_stage "$DPO" "$DATA/train128" "model.checkpoint=$ROOT/tiny_3b_128px/model"
+fi
+train_stage tiny_edit "$DATA/train128" "model.checkpoint=$ROOT/$DPO/model" "data.sources.1.path=$DATA/train64"
 FINAL=$ROOT/tiny_edit/model
 
 # ---- check: generations, edits and answers on held-out records, scored by the ShapesWorld checker
