@@ -128,9 +128,14 @@ def _over_seeds(name: str, cases: Sequence[Any], seeds: Sequence[int], batch: in
             "per_seed": per_seed, "seconds": round(time.perf_counter() - t0, 1), "images": kept}
 
 
-def _t2i_metrics(c: T2ICase, img: Image.Image) -> dict[str, float]:
+def prompt_metrics(img: Image.Image, prompt: str) -> dict[str, float]:
+    """The checker's GenEval-style ``score`` (0/1) of ``img`` for ``prompt``, partial credit ``object_recall``."""
     scene = parse_scene(img)
-    return {"score": score_prompt(scene, c.prompt).score, "object_recall": object_recall(scene, c.prompt)}
+    return {"score": score_prompt(scene, prompt).score, "object_recall": object_recall(scene, prompt)}
+
+
+def _t2i_metrics(c: T2ICase, img: Image.Image) -> dict[str, float]:
+    return prompt_metrics(img, c.prompt)
 
 
 @torch.no_grad()

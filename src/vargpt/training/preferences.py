@@ -26,7 +26,6 @@ Command line: ``vargpt data preferences --model M --out DIR`` (see `vargpt.cli`)
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -39,8 +38,9 @@ from tqdm import tqdm
 from vargpt.config import SamplingConfig
 from vargpt.data.shapesworld import make_record
 from vargpt.errors import InputError
-from vargpt.eval.checker import object_recall, parse_scene, score_prompt
+from vargpt.eval import tasks
 from vargpt.pipeline import to_pil
+from vargpt.training.checkpoint import atomic_write_bytes, atomic_write_json
 
 __all__ = ["PreferenceConfig", "build_preferences"]
 
@@ -63,8 +63,8 @@ class PreferenceConfig:
 
 
 def _judge(img: Any, prompt: str) -> tuple[float, float]:
-    scene = parse_scene(img)
-    return score_prompt(scene, prompt).score, object_recall(scene, prompt)
+    m = tasks.prompt_metrics(img, prompt)
+    return m["score"], m["object_recall"]
 
 
 @torch.no_grad()
@@ -77,46 +77,43 @@ def build_preferences(model: Any, cfg: PreferenceConfig, *, sampling: SamplingCo
     per_call = max(1, cfg.batch // cfg.samples)
     counts: Counter[str] = Counter()
     sample_scores: list[float] = []
-    tmp = out / "records.jsonl.tmp"
+    lines: list[str] = []
     bar = tqdm(total=cfg.n, desc="preferences", unit="prompt", disable=not progress, dynamic_ncols=True)
-    with tmp.open("w") as f:
-        for start in range(0, cfg.n, per_call):
-            idx = range(start, min(cfg.n, start + per_call))
-            recs = [make_record(i, split=cfg.split, seed=cfg.seed, size=cfg.size, tasks=("t2i",)) for i in idx]
-            prompts = [r["messages"][0]["content"] for r, _ in recs]
-            seeds = [cfg.seed * 1_000_003 + i * cfg.samples + j for i in idx for j in range(cfg.samples)]
-            images = to_pil(model.generate_images(prompts, n=cfg.samples, size=cfg.size, sampling=sampling,
-                                                  seed=seeds).images)
-            for k, ((rec, truth), prompt) in enumerate(zip(recs, prompts, strict=True)):
-                group = images[k * cfg.samples:(k + 1) * cfg.samples]
-                judged = [_judge(im, prompt) for im in group]
-                sample_scores += [s for s, _ in judged]
-                best = max(range(len(group)), key=lambda j: judged[j])
-                worst = min(range(len(group)), key=lambda j: judged[j])
-                chosen_img, chosen_score, source = group[best], judged[best], "sample"
-                if judged[best][0] == 0 and cfg.render_chosen:
-                    chosen_img, chosen_score, source = truth[rec["images"][0]], (1.0, 1.0), "render"
-                if not chosen_score > judged[worst]:
-                    counts["all_pass" if judged[worst][0] > 0 else "none_pass"] += 1
-                    continue
-                counts[f"pairs_{source}"] += 1
-                stem = f"images/{rec['id']}"
-                chosen_img.save(out / f"{stem}_chosen.png")
-                group[worst].save(out / f"{stem}_rejected.png")
-                f.write(json.dumps({
-                    "id": rec["id"], "task": "dpo", "messages": [{"role": "user", "content": prompt}],
-                    "chosen": {"role": "assistant", "content": "<image_gen>"},
-                    "rejected": {"role": "assistant", "content": "<image_gen>"},
-                    "images": [f"{stem}_chosen.png", f"{stem}_rejected.png"],
-                    "meta": {"category": rec["meta"]["category"], "chosen_from": source,
-                             "chosen_score": list(chosen_score), "rejected_score": list(judged[worst]),
-                             "sample_scores": [s for s, _ in judged]}}) + "\n")
-            bar.update(len(idx))
-        f.flush()
-        os.fsync(f.fileno())
+    for start in range(0, cfg.n, per_call):
+        idx = range(start, min(cfg.n, start + per_call))
+        recs = [make_record(i, split=cfg.split, seed=cfg.seed, size=cfg.size, tasks=("t2i",)) for i in idx]
+        prompts = [r["messages"][0]["content"] for r, _ in recs]
+        seeds = [cfg.seed * tasks.SEED_STRIDE + i * cfg.samples + j for i in idx for j in range(cfg.samples)]
+        images = to_pil(model.generate_images(prompts, n=cfg.samples, size=cfg.size, sampling=sampling,
+                                              seed=seeds).images)
+        for k, ((rec, truth), prompt) in enumerate(zip(recs, prompts, strict=True)):
+            group = images[k * cfg.samples:(k + 1) * cfg.samples]
+            judged = [_judge(im, prompt) for im in group]
+            sample_scores += [s for s, _ in judged]
+            best = max(range(len(group)), key=lambda j: judged[j])
+            worst = min(range(len(group)), key=lambda j: judged[j])
+            chosen_img, chosen_score, source = group[best], judged[best], "sample"
+            if judged[best][0] == 0 and cfg.render_chosen:
+                chosen_img, chosen_score, source = truth[rec["images"][0]], (1.0, 1.0), "render"
+            if not chosen_score > judged[worst]:
+                counts["all_pass" if judged[worst][0] > 0 else "none_pass"] += 1
+                continue
+            counts[f"pairs_{source}"] += 1
+            stem = f"images/{rec['id']}"
+            chosen_img.save(out / f"{stem}_chosen.png")
+            group[worst].save(out / f"{stem}_rejected.png")
+            lines.append(json.dumps({
+                "id": rec["id"], "task": "dpo", "messages": [{"role": "user", "content": prompt}],
+                "chosen": {"role": "assistant", "content": "<image_gen>"},
+                "rejected": {"role": "assistant", "content": "<image_gen>"},
+                "images": [f"{stem}_chosen.png", f"{stem}_rejected.png"],
+                "meta": {"category": rec["meta"]["category"], "chosen_from": source,
+                         "chosen_score": list(chosen_score), "rejected_score": list(judged[worst]),
+                         "sample_scores": [s for s, _ in judged]}}) + "\n")
+        bar.update(len(idx))
     bar.close()
-    tmp.replace(out / "records.jsonl")
-    pairs = counts["pairs_sample"] + counts["pairs_render"]
+    atomic_write_bytes(out / "records.jsonl", "".join(lines).encode())
+    pairs = len(lines)
     if pairs == 0:
         raise InputError(f"preferences: none of {cfg.n} prompts gave a pair (every sample "
                          f"{'passed' if counts['all_pass'] else 'was equally wrong'}); draw more --samples per prompt"
@@ -125,5 +122,5 @@ def build_preferences(model: Any, cfg: PreferenceConfig, *, sampling: SamplingCo
                "sample_pass_rate": statistics.fmean(sample_scores), "pairs": pairs,
                "pairs_sample_chosen": counts["pairs_sample"], "pairs_render_chosen": counts["pairs_render"],
                "prompts_all_pass": counts["all_pass"], "prompts_none_pass": counts["none_pass"]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out / "summary.json", summary)
     return summary
