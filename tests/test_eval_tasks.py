@@ -72,3 +72,32 @@ def test_broken_model_scores_zero_and_edit_reports_rates(tmp_path):
 def test_spread(values, spread):
     s = G._spread(values)
     assert s["spread"] == pytest.approx(spread) and s["mean"] == pytest.approx(sum(values) / len(values))
+
+
+class _PassThroughVAE(torch.nn.Module):
+    """A 'VAE' that reconstructs perfectly (or, ``blank``, answers a white picture)."""
+
+    def __init__(self, blank: bool = False) -> None:
+        super().__init__()
+        self.blank, self.w = blank, torch.nn.Parameter(torch.zeros(()))
+
+    def quantize(self, x):
+        return SimpleNamespace(quantized_BDHW=x)
+
+    def decode(self, z):
+        return torch.ones_like(z) if self.blank else z
+
+
+def test_vae_ceiling_of_perfect_and_blank_reconstructions():
+    t2i, edit = G.t2i_cases(6), G.edit_cases(4, size=64)
+    assert all(c.target is not None for c in t2i + edit)
+    perfect = _PassThroughVAE()
+    rep = G.vae_ceiling(perfect, t2i, size=64, batch=4)
+    assert rep["score"] == 1.0 and rep["n"] == 6 and set(rep["by_group"]) == {c.category for c in t2i}
+    assert G.vae_ceiling(perfect, edit, size=64)["score"] == 1.0
+    assert G.vae_ceiling(_PassThroughVAE(blank=True), t2i, size=64)["score"] == 0.0
+    # every model report carries the ceiling of its VAE beside the score (none for a model without a VAE)
+    model = Oracle(6)
+    model.vae_local = perfect
+    assert G.evaluate_t2i(model, t2i, seeds=(0,), progress=False)["vae_ceiling"]["score"] == 1.0
+    assert G.evaluate_t2i(Oracle(6), t2i, seeds=(0,), progress=False)["vae_ceiling"] is None

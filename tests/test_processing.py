@@ -81,7 +81,10 @@ def test_training_inputs_labels_and_gen_slots(proc, cfg):
     ids, labels = out["input_ids"][0].tolist(), out["labels"][0].tolist()
     assert out["gen_images"] == [tgt] and out["image_grid_thw"].tolist() == [[1, 8, 8]]
     answer = proc.tokenizer.encode("Done: ") + [t.image_gen_start] + [t.image_gen_pad] * 8 + [t.image_gen_end, t.im_end]
-    assert ids[-len(answer):] == answer and labels[-len(answer):] == answer
+    assert ids[-len(answer):] == answer
+    # the image slots are image tokens (bit loss), never text targets: only "Done: ", start, end, im_end supervised
+    supervised = [x if x != t.image_gen_pad else IGNORE_INDEX for x in answer]
+    assert labels[-len(answer):] == supervised and t.image_gen_pad not in labels
     assert set(labels[:-len(answer)]) == {IGNORE_INDEX}
 
 

@@ -194,3 +194,14 @@ def test_cli_train_and_eval(tmp_path, capsys):
 def test_non_positive_lr_is_refused(tmp_path):
     with pytest.raises(InputError, match="lr must be > 0"):
         VAETrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), lr=0.0).validate()
+
+
+def test_load_vae_reads_the_vae_of_a_full_model(tiny_model_dir):
+    """A full VARGPT directory (e.g. the embedded default) serves as a VAE: `--init`, `eval vae`, `model.vae`."""
+    from safetensors.torch import load_file
+
+    vae, cfg = load_vae(tiny_model_dir)
+    full = load_file(next(tiny_model_dir.glob("*.safetensors")))
+    assert cfg["kind"] == "bsq_vae" and cfg["from_model"] == str(tiny_model_dir)
+    for k, v in vae.state_dict().items():
+        assert torch.equal(v, full[f"vae_local.{k}"]), k

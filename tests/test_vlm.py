@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import load_fixture
+from conftest import assert_close_recorded, load_fixture
 from vargpt.errors import InputError
 from vargpt.models.vlm import (
     build_vlm,
@@ -45,9 +45,9 @@ def test_released_keys_map_one_to_one(vlm, fixture_weights):
 
 
 @torch.no_grad()
-def test_image_embeds(vlm, fa):
+def test_image_embeds(vlm, fa, record_property):
     feats = torch.cat(vlm.model.get_image_features(fa["pixel_values"], fa["image_grid_thw"]).pooler_output)
-    torch.testing.assert_close(feats, fa["image_embeds"], **TOL)
+    assert_close_recorded(record_property, "a.image_embeds", feats, fa["image_embeds"], **TOL)
 
 
 def test_rope_positions(vlm, fa):
@@ -57,12 +57,12 @@ def test_rope_positions(vlm, fa):
 
 
 @torch.no_grad()
-def test_hidden_states_and_logits_via_glue(vlm, fa):
+def test_hidden_states_and_logits_via_glue(vlm, fa, record_property):
     embeds = embed_inputs(vlm, fa["input_ids"], fa["pixel_values"], fa["image_grid_thw"])
     pos, _ = rope_positions(vlm, fa["input_ids"], fa["image_grid_thw"], fa["attention_mask"])
     hidden = llm_forward(vlm, embeds, position_ids=pos, attention_mask=fa["attention_mask"])
-    torch.testing.assert_close(hidden, fa["last_hidden_state"], **TOL)
-    torch.testing.assert_close(vlm.lm_head(hidden), fa["logits"], **TOL)
+    assert_close_recorded(record_property, "a.last_hidden_state", hidden, fa["last_hidden_state"], **TOL)
+    assert_close_recorded(record_property, "a.logits", vlm.lm_head(hidden), fa["logits"], **TOL)
 
 
 @torch.no_grad()

@@ -265,6 +265,9 @@ class VARGPTConfig:
     image_size: int = 512  # default generation size in pixels (square)
     image_gen_token_num: int = 2560  # <|image_gen_pad|> slots of one image in training sequences
     text_loss_weight: float = 1.0
+    # "token": text CE averaged over every supervised token of the batch (published); "sample": averaged within each
+    # sample, then over samples, so a 2-token VQA answer weighs as much as a 20-token caption
+    text_loss_mean: str = "token"
     bit_loss_weight: float = 3.0  # published lambda_loss
 
     def validate(self) -> VARGPTConfig:
@@ -279,6 +282,8 @@ class VARGPTConfig:
                f"equal to llm.hidden_size ({self.llm.hidden_size})")
         _check(self.image_size % self.vae.stride == 0, "", "image_size", self.image_size,
                f"a multiple of the VAE stride ({self.vae.stride})")
+        _check(self.text_loss_mean in ("token", "sample"), "", "text_loss_mean", self.text_loss_mean,
+               "'token' or 'sample'")
         return self
 
     # ---- JSON round-trip

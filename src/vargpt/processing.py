@@ -391,8 +391,9 @@ class VARGPTProcessor:
 
     def training_inputs(self, messages: Sequence[Message], images: Sequence[ImageLike] | None = None, *,
                         system: str | None = DEFAULT_SYSTEM_PROMPT) -> dict[str, Any]:
-        """One training sample: ``input_ids`` and ``labels`` [1, L] (prompts = -100), the understanding images'
-        tensors, and ``gen_images``: the images of the ``<image_gen>`` slots (training targets, for the VAE side).
+        """One training sample: ``input_ids`` and ``labels`` [1, L] (prompts and ``<|image_gen_pad|>`` slots =
+        -100), the understanding images' tensors, and ``gen_images``: the images of the ``<image_gen>`` slots
+        (training targets, for the VAE side).
 
         ``images`` fill the ``<image>`` and ``<image_gen>`` placeholders in reading order.
         """
@@ -411,7 +412,9 @@ class VARGPTProcessor:
                 n = part.count(IMAGE_PLACEHOLDER)
                 part_ids = self.encode(part, [next(grids) for _ in range(n)], allow_image_gen=True)
                 ids += part_ids
-                labels += part_ids if supervised else [IGNORE_INDEX] * len(part_ids)
+                # <|image_gen_pad|> slots carry image tokens, not text: never a text target (as published)
+                labels += ([IGNORE_INDEX if i == self.tokens.image_gen_pad else i for i in part_ids] if supervised
+                           else [IGNORE_INDEX] * len(part_ids))
         self._check_length(len(ids))
         out: dict[str, Any] = self._finish(ids, pixels)
         out["labels"] = torch.tensor([labels], dtype=torch.long)

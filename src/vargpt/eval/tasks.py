@@ -9,6 +9,9 @@
   the instruction happened and nothing else moved (`score_edit`), per seed, with satisfied / preserved rates.
 * `evaluate_vqa`: questions of the ``test`` split about rendered scenes, greedy answers scored by exact match
   after normalisation (`score_answer`), per question type.
+* `vae_ceiling`: the same scores for the VAE's reconstructions of the cases' own targets (the rendered scene the
+  prompt or edit asks for): no generator can beat its VAE, so every t2i / edit report carries this ceiling
+  (``"vae_ceiling"``) when the model has a VAE.
 * `sample_sheet`: a PNG of the first images, a red frame on each failure, for a look instead of a number.
 
 Command line: ``vargpt eval t2i`` / ``vargpt eval edit`` / ``vargpt eval vqa`` (see `vargpt.cli`).
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
@@ -41,6 +45,7 @@ SEED_STRIDE = 1_000_003  # image i under sampling seed s is drawn with seed s * 
 class T2ICase:
     prompt: str
     category: str
+    target: dict[str, Any] | None = None  # the record's scene (what the prompt asks for), for the VAE ceiling
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class EditCase:
     source: Image.Image
     instruction: str
     kind: str
+    target: dict[str, Any] | None = None  # the edited scene, for the VAE ceiling
 
 
 @dataclass(frozen=True)
@@ -70,12 +76,14 @@ def _records(task: str, n: int, split: str, seed: int, size: int) -> list[tuple[
 
 def t2i_cases(n: int, *, split: str = "test", seed: int = 0) -> list[T2ICase]:
     """The first ``n`` text-to-image prompts of a ShapesWorld split."""
-    return [T2ICase(text, rec["meta"]["category"]) for rec, _, text in _records("t2i", n, split, seed, 64)]
+    return [T2ICase(text, rec["meta"]["category"], rec["scene"])
+            for rec, _, text in _records("t2i", n, split, seed, 64)]
 
 
 def edit_cases(n: int, *, split: str = "test", seed: int = 0, size: int = 64) -> list[EditCase]:
     """The first ``n`` editing records of a ShapesWorld split (source rendered at ``size``)."""
-    return [EditCase(src, text, rec["meta"]["category"]) for rec, src, text in _records("edit", n, split, seed, size)]
+    return [EditCase(src, text, rec["meta"]["category"], rec["meta"]["target_scene"])
+            for rec, src, text in _records("edit", n, split, seed, size)]
 
 
 def vqa_cases(n: int, *, split: str = "test", seed: int = 0, size: int = 64) -> list[VQACase]:
@@ -150,7 +158,9 @@ def evaluate_t2i(model: Any, cases: Sequence[T2ICase], *, seeds: Sequence[int] =
         lambda chunk, sd: model.generate_images([c.prompt for c in chunk], size=size, sampling=sampling,
                                                 seed=sd).images,
         _t2i_metrics, lambda c: c.category, lambda c: c.prompt)
-    return {"size": size or model.config.image_size, "sampling": vars(sampling or model.config.sampling), **rep}
+    size = size or model.config.image_size
+    return {"size": size, "sampling": vars(sampling or model.config.sampling), **rep,
+            "vae_ceiling": _model_ceiling(model, cases, size, batch)}
 
 
 def _edit_metrics(c: EditCase, img: Image.Image) -> dict[str, float]:
@@ -172,7 +182,40 @@ def evaluate_edit(model: Any, cases: Sequence[EditCase], *, seeds: Sequence[int]
         lambda chunk, sd: model.edit_images([c.source for c in chunk], [c.instruction for c in chunk], size=size,
                                             sampling=sampling, seed=sd).images,
         _edit_metrics, lambda c: c.kind, lambda c: c.instruction)
-    return {"size": size or model.config.image_size, "sampling": vars(sampling or model.config.sampling), **rep}
+    size = size or model.config.image_size
+    return {"size": size, "sampling": vars(sampling or model.config.sampling), **rep,
+            "vae_ceiling": _model_ceiling(model, cases, size, batch)}
+
+
+def _model_ceiling(model: Any, cases: Sequence[T2ICase | EditCase], size: int, batch: int) -> dict[str, Any] | None:
+    vae = getattr(model, "vae_local", None)
+    if vae is None or any(c.target is None for c in cases):
+        return None
+    return vae_ceiling(vae, cases, size=size, batch=batch)
+
+
+@torch.no_grad()
+def vae_ceiling(vae: Any, cases: Sequence[T2ICase | EditCase], *, size: int, batch: int = 16) -> dict[str, Any]:
+    """Checker scores of ``vae``'s reconstructions (all scales) of the cases' targets rendered at ``size``: the
+    best any generator on this VAE can score on these cases. Same metrics and ``by_group`` as the evaluations."""
+    from vargpt.data.scene import Scene, render
+
+    rows, groups = [], defaultdict(list)
+    param = next(vae.parameters())
+    for idx in _batches(len(cases), batch):
+        chunk = [cases[i] for i in idx]
+        x = torch.stack([torch.from_numpy(np.array(render(Scene.from_dict(c.target), size))).permute(2, 0, 1)
+                         for c in chunk]).to(param.device).float().div(127.5).sub(1)
+        recon = vae.decode(vae.quantize(x.to(param.dtype)).quantized_BDHW)
+        for c, img in zip(chunk, to_pil(recon.float()), strict=True):
+            if isinstance(c, T2ICase):
+                row, group = _t2i_metrics(c, img), c.category
+            else:
+                row, group = _edit_metrics(c, img), c.kind
+            rows.append(row)
+            groups[group].append(row["score"])
+    return {"size": size, "n": len(cases), **{k: statistics.fmean(r[k] for r in rows) for k in rows[0]},
+            "by_group": {k: statistics.fmean(v) for k, v in sorted(groups.items())}}
 
 
 def sample_sheet(images: Sequence[tuple[Image.Image, bool, str]], path: str | Path, *, per_row: int = 8,

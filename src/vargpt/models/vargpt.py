@@ -466,12 +466,20 @@ class VARGPT(nn.Module):
         return out.hidden_BSH, batch, out.gen_logits_BLV, tokens.labels_BLD, schedule
 
     def _text_ce(self, hidden_BSH: Tensor, labels_BS: Tensor) -> Tensor:
-        """Shifted next-token CE over labels != -100; lm_head only at the supervised positions."""
+        """Shifted next-token CE over labels != -100; lm_head only at the supervised positions. Mean over tokens,
+        or (``config.text_loss_mean == "sample"``) within each sample first, then over the samples with labels."""
         h, y = hidden_BSH[:, :-1], labels_BS[:, 1:]
         keep = y != IGNORE_INDEX
         if not bool(keep.any()):
             return hidden_BSH.sum() * 0.0
-        return F.cross_entropy(self.lm_head(h[keep]).float(), y[keep])
+        ce = F.cross_entropy(self.lm_head(h[keep]).float(), y[keep], reduction="none")
+        if self.config.text_loss_mean == "token":
+            return ce.mean()
+        counts = keep.sum(1)  # supervised tokens per sample
+        row = torch.arange(keep.shape[0], device=ce.device).repeat_interleave(counts)
+        per_sample = torch.zeros(keep.shape[0], device=ce.device).index_add_(0, row, ce)
+        labelled = counts > 0
+        return (per_sample[labelled] / counts[labelled]).mean()
 
     def _generator(self, generator: torch.Generator | None) -> torch.Generator:
         if generator is not None:

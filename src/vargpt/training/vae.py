@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -194,9 +195,36 @@ def vae_from_config(d: dict[str, Any]) -> BSQVAE:
     return BSQVAE(cfg)
 
 
+def _full_model_vae(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(VAE state, VAE model config) of a full VARGPT model directory (config.json with a ``vae`` section and
+    ``vae_local.*`` weights, e.g. the embedded default), else None. Only the VAE's tensors are read."""
+    from vargpt.weights import load_state_dict_files
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if config.get("kind") == "bsq_vae" or not isinstance(config.get("vae"), dict):
+        return None
+    state = load_state_dict_files(path, prefixes=("vae_local.",))
+    if not state:
+        return None
+    state = {k.removeprefix("vae_local."): v for k, v in state.items()}
+    size = int(config.get("image_size", 0)) or 64
+    return state, {"kind": "bsq_vae", "preset": config.get("preset", "tiny"), "image_size": size,
+                   "trained_sizes": [size], "vae": config["vae"], "from_model": str(path)}
+
+
 def load_vae(path: str | Path, device: str | torch.device = "cpu") -> tuple[BSQVAE, dict[str, Any]]:
-    """A trained VAE from a run directory (its ``model/``, else its newest checkpoint) or a model directory."""
+    """A trained VAE from a run directory (its ``model/``, else its newest checkpoint), a VAE model directory, or
+    a full VARGPT model directory (its ``vae_local``)."""
     path = Path(path)
+    full = _full_model_vae(path) if path.is_dir() else None
+    if full is not None:
+        state, config = full
+        vae = vae_from_config(config)
+        vae.load_state_dict(state, strict=True)
+        return vae.to(device).eval(), config
     if (path / "model").is_dir():
         path = path / "model"
     elif not (path / "model.safetensors").is_file():
