@@ -278,6 +278,8 @@ def _eval_task(kind: str, model: Path | None, n: int, seeds: str, size: int | No
     if kept:
         tasks.sample_sheet(kept, json_path.with_suffix(".png"), sources=sources)
     summary = {k: rep[k] for k in ("score", "accuracy", "n", "seeds") if k in rep}
+    if rep.get("vae_ceiling"):  # the best any generator on this VAE can score on the same cases
+        summary["vae_ceiling"] = rep["vae_ceiling"]["score"]
     typer.echo(json.dumps(summary | {"json": str(json_path)}))
 
 
