@@ -1,5 +1,6 @@
 """The generation scorers: an oracle that renders the truth scores 1, a blank model 0, seeds are reported apart."""
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -101,3 +102,19 @@ def test_vae_ceiling_of_perfect_and_blank_reconstructions():
     model.vae_local = perfect
     assert G.evaluate_t2i(model, t2i, seeds=(0,), progress=False)["vae_ceiling"]["score"] == 1.0
     assert G.evaluate_t2i(Oracle(6), t2i, seeds=(0,), progress=False)["vae_ceiling"] is None
+
+
+def test_cli_eval_scores_the_split_it_is_given_and_refuses_train(tmp_path, capsys, tiny_model_dir):
+    from conftest import run_cli
+
+    report = tmp_path / "vqa.json"
+    code, out, _ = run_cli(capsys, "eval", "vqa", "--model", str(tiny_model_dir), "--n", "2", "--split", "val",
+                           "--json", str(report), "--device", "cpu")
+    assert code == 0, out
+    rep = json.loads(report.read_text())
+    val_questions = [c.question for c in G.vqa_cases(2, split="val")]
+    assert rep["split"] == "val" and [a["question"] for a in rep["answers"]] == val_questions
+    assert val_questions != [c.question for c in G.vqa_cases(2, split="test")]
+    code, out, err = run_cli(capsys, "eval", "t2i", "--model", str(tiny_model_dir), "--split", "train",
+                             "--json", str(tmp_path / "t.json"), "--device", "cpu")
+    assert code == 2 and "--split 'train'" in err and len(err.strip().splitlines()) == 1

@@ -198,3 +198,34 @@ def test_write_dataset_rejects_bad_arguments(tmp_path):
 def test_render_rejects_unsupported_size():
     with pytest.raises(InputError, match="64, 128, 256"):
         render(Scene((Obj("circle", "red", "small", 0.5, 0.5),)), 100)
+
+
+def test_canonical_layout_is_one_checker_passing_picture_per_prompt():
+    from vargpt.data.shapesworld import CANONICAL_COLOUR, HELDOUT_PAIRS, canonical_scene
+    from vargpt.eval.checker import parse_scene, score_prompt
+
+    rng = random.Random(0)
+    for category in CATEGORIES:
+        for _ in range(6):
+            spec = sample_prompt(rng, category, train=False)
+            scene = canonical_scene(spec)
+            assert scene == canonical_scene(spec)  # deterministic
+            assert scene.background == "white" and all(o.size == "large" for o in scene.objects)
+            assert all(o.colour == (s.colour or CANONICAL_COLOUR) for o, s in
+                       zip(scene.objects, [s for s in spec.objects for _ in range(s.count)], strict=True))
+            assert score_prompt(parse_scene(render(scene, 64)), prompt_text(spec)).score == 1, prompt_text(spec)
+    assert all(CANONICAL_COLOUR != c for _, c in HELDOUT_PAIRS)
+
+
+def test_canonical_layout_changes_only_training_targets_it_is_asked_for():
+    for i in range(12):
+        plain, _ = make_record(i, split="train", size=64, tasks=("t2i",))
+        canon, images = make_record(i, split="train", size=64, tasks=("t2i",), t2i_layout="canonical")
+        assert canon["messages"] == plain["messages"] and canon["meta"]["spec"] == plain["meta"]["spec"]
+        assert canon["meta"]["layout"] == "canonical" and "layout" not in plain["meta"]
+        assert Scene.from_dict(canon["scene"]).background == "white"
+        assert list(images) == canon["images"]
+    assert make_record(3, split="test", tasks=("vqa",), t2i_layout="canonical")[0] == \
+        make_record(3, split="test", tasks=("vqa",))[0]
+    with pytest.raises(InputError, match="unknown t2i layout"):
+        make_record(0, split="train", t2i_layout="grid")

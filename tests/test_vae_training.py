@@ -124,6 +124,23 @@ def test_time_budget_keeps_the_plan_when_it_fits_and_stops_when_it_does_not(tmp_
     assert latest_checkpoint(tmp_path / "b").step == short.steps  # the step reached is saved
 
 
+def test_crop_training_trains_on_windows_and_keeps_the_full_size_model(tmp_path, monkeypatch):
+    import vargpt.training.vae as vae_training
+
+    data = _write_images(tmp_path / "imgs", size=32)
+    seen = []
+    real = vae_training.recon_loss
+    monkeypatch.setattr(vae_training, "recon_loss",
+                        lambda r, x, kind: (seen.append(tuple(x.shape)), real(r, x, kind))[1])
+    res = train_vae(_cfg(tmp_path, data, size=32, crop=16, steps=6, ckpt_every=6, entropy_weight=0.01))
+    assert seen and all(shape[-2:] == (16, 16) for shape in seen)
+    vae, cfg = load_vae(res.out)
+    assert cfg["image_size"] == 32 and vae.schedule_for(torch.zeros(1, 3, 32, 32))[-1] == (1, 4, 4)
+    for bad in (0, 64):
+        with pytest.raises(InputError, match="crop must be between"):
+            _cfg(tmp_path, data, size=32, crop=bad).validate()
+
+
 def test_bad_training_inputs(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         train_vae(_cfg(tmp_path, tmp_path / "nope"))

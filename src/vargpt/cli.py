@@ -75,12 +75,15 @@ def data_shapesworld(
     size: Annotated[int, typer.Option("--size", help="Image size in pixels: 64, 128, 256 or 512.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Dataset seed (same seed -> same bytes).")] = 0,
     tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: caption,vqa,t2i,edit,dpo.")] = "",
+    t2i_layout: Annotated[str, typer.Option("--t2i-layout", help="Text-to-image targets: random (any scene that "
+                                            "satisfies the prompt) or canonical (one fixed layout per prompt).")
+                          ] = "random",
 ) -> None:
     """Write a ShapesWorld dataset: DIR/records.jsonl and the images beside it."""
     from vargpt.data.shapesworld import TASKS, write_dataset
 
     chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) or TASKS
-    summary = write_dataset(out, n=n, split=split, size=size, seed=seed, tasks=chosen)
+    summary = write_dataset(out, n=n, split=split, size=size, seed=seed, tasks=chosen, t2i_layout=t2i_layout)
     typer.echo(json.dumps(summary))
 
 
@@ -190,6 +193,8 @@ def train_vae_cmd(
                                       "alternate step by step (a size listed twice gets twice the steps).")] = "64",
     recon: Annotated[str, typer.Option("--recon", help="Reconstruction loss: l1, l2 or l1+l2.")] = "l1+l2",
     adversarial_weight: Annotated[float, typer.Option("--adversarial-weight", help="PatchGAN term (0 = off).")] = 0.0,
+    entropy_weight: Annotated[float, typer.Option("--entropy-weight", help="BSQ entropy term; it grows with the "
+                                                  "bits per token, so scale it down for wide codes.")] = 0.1,
     prefix_weight: Annotated[float, typer.Option("--prefix-weight", help="Weight of the reconstruction from the "
                                                  "first k scales (k random), which makes coarse scales carry "
                                                  "a coarse image (0 = off).")] = 0.5,
@@ -202,6 +207,9 @@ def train_vae_cmd(
     init: Annotated[Path | None, typer.Option("--init", help="Start from the weights of an earlier run "
                                               "(its OUT or OUT/model); fresh optimiser and schedule.")] = None,
     max_minutes: Annotated[float | None, typer.Option("--max-minutes", help="Shrink --steps to fit this time.")] = None,
+    crop: Annotated[int | None, typer.Option("--crop", help="Train on random CROP x CROP windows (a multiple of "
+                                             "the VAE stride): cheaper steps; finish at full size with --init.")
+                    ] = None,
     vae: Annotated[list[str] | None, typer.Option("--vae", help="Override a VAE size: KEY=VALUE, repeatable "
                                                   "(e.g. --vae base_ch=64 --vae ch_mult=1,1,2,2).")] = None,
 ) -> None:
@@ -224,10 +232,11 @@ def train_vae_cmd(
         overrides[key] = tuple(nums) if "," in value else nums[0]
     res = train_vae(VAETrainConfig(data=data, out=str(out), preset=preset, steps=steps, batch_size=batch_size,
                                    lr=lr, size=sizes[0], extra_sizes=tuple(sizes[1:]), recon_loss=recon,
-                                   adversarial_weight=adversarial_weight, prefix_weight=prefix_weight,
+                                   adversarial_weight=adversarial_weight, entropy_weight=entropy_weight,
+                                   prefix_weight=prefix_weight,
                                    device=device, dtype=dtype, ckpt_every=ckpt_every, keep_last=keep_last,
                                    seed=seed, resume=resume, init=str(init) if init else None,
-                                   max_minutes=max_minutes, vae_overrides=overrides or None))
+                                   max_minutes=max_minutes, crop=crop, vae_overrides=overrides or None))
     typer.echo(json.dumps({"out": str(res.out), "steps": res.steps, "final_loss": res.final_loss,
                            "final_train_psnr_db": res.final_psnr_db, "seconds": round(res.seconds, 1)}))
 
@@ -251,7 +260,7 @@ def eval_vae_cmd(
 
 
 def _eval_task(kind: str, model: Path | None, n: int, seeds: str, size: int | None, cfg: float | None,
-               batch: int, device: str, json_path: Path) -> None:
+               batch: int, device: str, json_path: Path, split: str = "test", tau: float | None = None) -> None:
     """`vargpt eval t2i|edit|vqa`: score the model with `vargpt.eval.tasks`, write the JSON (+ a PNG of samples)."""
     from vargpt.errors import InputError
     from vargpt.eval import tasks
@@ -260,19 +269,22 @@ def _eval_task(kind: str, model: Path | None, n: int, seeds: str, size: int | No
         seed_list = [int(v) for v in seeds.split(",")]
     except ValueError:
         raise InputError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if split not in ("val", "test"):
+        raise InputError(f"--split {split!r}: use val (to choose settings) or test (to report)")
     pipe = _pipeline(model, device, "auto")
-    kw = dict(seeds=seed_list, size=size, sampling=pipe.sampling_config(cfg), batch=batch, keep_images=32)
+    kw = dict(seeds=seed_list, size=size, sampling=pipe.sampling_config(cfg, tau), batch=batch, keep_images=32)
     sources = None
     if kind == "vqa":
-        rep = tasks.evaluate_vqa(pipe, tasks.vqa_cases(n, size=size))
+        rep = tasks.evaluate_vqa(pipe, tasks.vqa_cases(n, split=split, size=size))
     elif kind == "t2i":
-        rep = tasks.evaluate_t2i(pipe.model, tasks.t2i_cases(n), **kw)
+        rep = tasks.evaluate_t2i(pipe.model, tasks.t2i_cases(n, split=split), **kw)
     else:
-        cases = tasks.edit_cases(n, size=size or pipe.model.config.image_size)
+        cases = tasks.edit_cases(n, split=split, size=size or pipe.model.config.image_size)
         rep = tasks.evaluate_edit(pipe.model, cases, **kw)
         sources = [c.source for c in cases]
     kept = rep.pop("images", [])
     rep["model"] = str(model) if model else "embedded default"
+    rep["split"] = split
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(rep, indent=2) + "\n")
     if kept:
@@ -285,7 +297,9 @@ def _eval_task(kind: str, model: Path | None, n: int, seeds: str, size: int | No
 
 _EvalJson = Annotated[Path, typer.Option("--json", help="Report path; a PNG of samples is written beside it.")]
 _EvalModel = Annotated[Path | None, typer.Option("--model", help="Model directory (default: the embedded one).")]
-_EvalN = Annotated[int, typer.Option("--n", min=1, help="Held-out (test split) records.")]
+_EvalN = Annotated[int, typer.Option("--n", min=1, help="Held-out records (the first N of the split).")]
+_EvalSplit = Annotated[str, typer.Option("--split", help="test (report) or val (choose settings such as --cfg).")]
+_EvalTau = Annotated[float | None, typer.Option("--tau", help="Sampling temperature (default: the model's).")]
 _EvalSeeds = Annotated[str, typer.Option("--seeds", help="Sampling seeds, comma-separated; the score is reported "
                                          "per seed, with mean and spread.")]
 _EvalSize = Annotated[int | None, typer.Option("--size", help="Image size (default: the model's).")]
@@ -296,26 +310,26 @@ _EvalDevice = Annotated[str, typer.Option("--device")]
 
 @eval_app.command("t2i")
 def eval_t2i_cmd(json_path: _EvalJson, model: _EvalModel = None, n: _EvalN = 64, seeds: _EvalSeeds = "0,1,2",
-                 size: _EvalSize = None, cfg: _EvalCfg = None, batch: _EvalBatch = 16,
-                 device: _EvalDevice = "auto") -> None:
+                 size: _EvalSize = None, cfg: _EvalCfg = None, tau: _EvalTau = None, batch: _EvalBatch = 16,
+                 split: _EvalSplit = "test", device: _EvalDevice = "auto") -> None:
     """GenEval-style text-to-image score on held-out ShapesWorld prompts, checked by the deterministic checker."""
-    _eval_task("t2i", model, n, seeds, size, cfg, batch, device, json_path)
+    _eval_task("t2i", model, n, seeds, size, cfg, batch, device, json_path, split, tau)
 
 
 @eval_app.command("edit")
 def eval_edit_cmd(json_path: _EvalJson, model: _EvalModel = None, n: _EvalN = 64, seeds: _EvalSeeds = "0,1,2",
-                  size: _EvalSize = None, cfg: _EvalCfg = None, batch: _EvalBatch = 16,
-                  device: _EvalDevice = "auto") -> None:
+                  size: _EvalSize = None, cfg: _EvalCfg = None, tau: _EvalTau = None, batch: _EvalBatch = 16,
+                  split: _EvalSplit = "test", device: _EvalDevice = "auto") -> None:
     """Edit success (instruction applied and nothing else moved) on held-out ShapesWorld edits."""
-    _eval_task("edit", model, n, seeds, size, cfg, batch, device, json_path)
+    _eval_task("edit", model, n, seeds, size, cfg, batch, device, json_path, split, tau)
 
 
 @eval_app.command("vqa")
 def eval_vqa_cmd(json_path: _EvalJson, model: _EvalModel = None, n: _EvalN = 64,
                  size: Annotated[int, typer.Option("--size", help="Size of the pictures asked about.")] = 64,
-                 device: _EvalDevice = "auto") -> None:
+                 split: _EvalSplit = "test", device: _EvalDevice = "auto") -> None:
     """Exact-match accuracy of greedy answers to held-out ShapesWorld questions."""
-    _eval_task("vqa", model, n, "0", size, None, 1, device, json_path)
+    _eval_task("vqa", model, n, "0", size, None, 1, device, json_path, split)
 
 
 # ----------------------------------------------------------------------------------------------- model commands

@@ -105,10 +105,11 @@ class VARGPTPipeline:
             raise InputError(f"n = {n}: ask for at least one image per prompt")
         self.model.schedule_for(size)  # raises InputError listing the supported sizes
 
-    def sampling_config(self, cfg: float | None) -> SamplingConfig:
+    def sampling_config(self, cfg: float | None, tau: float | None = None) -> SamplingConfig:
+        """The model's sampling defaults with ``cfg`` / ``tau`` replaced where given."""
         base = self.model.config.sampling
-        sampling = SamplingConfig(cfg=base.cfg if cfg is None else float(cfg), tau=base.tau, top_k=base.top_k,
-                                  top_p=base.top_p)
+        sampling = SamplingConfig(cfg=base.cfg if cfg is None else float(cfg),
+                                  tau=base.tau if tau is None else float(tau), top_k=base.top_k, top_p=base.top_p)
         sampling.validate()
         return sampling
 

@@ -321,6 +321,38 @@ def scene_for_prompt(spec: PromptSpec, rng: random.Random, *, train: bool = Fals
     return Scene(tuple(objs), rng.choice(tuple(BACKGROUNDS)))
 
 
+# Canonical layout: where `canonical_scene` puts the objects of a prompt, by category / relation / count.
+CANONICAL_CELLS: dict[str, tuple[int, ...]] = {
+    "one": (4,), "pair": (3, 5), "left of": (3, 5), "right of": (5, 3), "above": (1, 7), "below": (7, 1),
+    "count2": (3, 5), "count3": (3, 4, 5), "count4": (0, 2, 6, 8),
+}
+CANONICAL_COLOUR = "orange"  # for prompts that name no colour: in no held-out pair, so every shape trains with it
+LAYOUTS: tuple[str, ...] = ("random", "canonical")
+
+
+def canonical_scene(spec: PromptSpec) -> Scene:
+    """The one picture the embedded default learns to draw for `spec`: large objects at fixed cell centres
+    (`CANONICAL_CELLS`), `CANONICAL_COLOUR` where the prompt names no colour, white background.
+
+    A deterministic target per prompt: the tiny model spends its few CPU steps on binding words to cells,
+    shapes and colours instead of on modelling layout variety (the trade-off is reported as "variety").
+    """
+    if spec.relation is not None:
+        key = spec.relation
+    elif len(spec.objects) == 2:
+        key = "pair"
+    else:
+        key = "one" if spec.objects[0].count == 1 else f"count{spec.objects[0].count}"
+    cells = list(CANONICAL_CELLS[key])
+    objs = []
+    for o in spec.objects:
+        for _ in range(o.count):
+            cell = cells.pop(0)
+            objs.append(Obj(o.shape, o.colour or CANONICAL_COLOUR, o.size or "large",
+                            round((cell % 3 + 0.5) / 3, 4), round((cell // 3 + 0.5) / 3, 4)))
+    return Scene(tuple(objs), "white")
+
+
 def corrupt(spec: PromptSpec, scene: Scene, rng: random.Random, *, train: bool = False) -> tuple[Scene, str]:
     """A structured corruption of a faithful `scene` that fails `spec`.
 
@@ -558,11 +590,16 @@ def record_rng(seed: int, split: str, index: int) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-def make_record(index: int, *, split: str, seed: int = 0, size: int = 64,
-                tasks: Sequence[str] = TASKS) -> tuple[dict[str, Any], dict[str, Image.Image]]:
-    """Record `index` of a split and its images ({relative path: image}); pure function of its arguments."""
+def make_record(index: int, *, split: str, seed: int = 0, size: int = 64, tasks: Sequence[str] = TASKS,
+                t2i_layout: str = "random") -> tuple[dict[str, Any], dict[str, Image.Image]]:
+    """Record `index` of a split and its images ({relative path: image}); pure function of its arguments.
+
+    ``t2i_layout="canonical"``: text-to-image targets are `canonical_scene` (the prompt is drawn the same way).
+    """
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if t2i_layout not in LAYOUTS:
+        raise InputError(f"unknown t2i layout {t2i_layout!r}; choose one of {', '.join(LAYOUTS)}")
     rng = record_rng(seed, split, index)
     train = split == "train"
     task = tasks[index % len(tasks)]
@@ -596,6 +633,9 @@ def make_record(index: int, *, split: str, seed: int = 0, size: int = 64,
     messages = [{"role": "user", "content": prompt_text(spec, rng)}]
     meta = {"category": spec.category, "spec": spec.to_dict(), "heldout": uses_heldout([scene], spec)}
     if task == "t2i":
+        if t2i_layout == "canonical":
+            scene = canonical_scene(spec)
+            meta["layout"] = "canonical"
         messages.append({"role": "assistant", "content": "<image_gen>"})
         images = {f"{stem}.png": render(scene, size)}
         return _record(rid, task, messages, list(images), scene, meta), images
@@ -614,7 +654,7 @@ def _record(rid: str, task: str, messages: list[dict[str, str]], images: list[st
 
 
 def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 64, seed: int = 0,
-                  tasks: Sequence[str] = TASKS, progress: bool = True) -> dict[str, Any]:
+                  tasks: Sequence[str] = TASKS, t2i_layout: str = "random", progress: bool = True) -> dict[str, Any]:
     """Write `n` records to ``out/records.jsonl`` and their PNGs under ``out/images``; returns a summary."""
     from tqdm import tqdm
 
@@ -635,14 +675,14 @@ def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 
     heldout = 0
     with tmp.open("w") as f:
         for i in tqdm(range(n), desc=f"shapesworld {split}", unit="rec", disable=not progress):
-            rec, images = make_record(i, split=split, seed=seed, size=size, tasks=tasks)
+            rec, images = make_record(i, split=split, seed=seed, size=size, tasks=tasks, t2i_layout=t2i_layout)
             for rel, img in images.items():
                 img.save(out / rel, format="PNG", optimize=False)
             f.write(json.dumps(rec, separators=(",", ":")) + "\n")
             counts[rec["task"]] += 1
             heldout += bool(rec["meta"]["heldout"])
     os.replace(tmp, out / "records.jsonl")
-    return {"out": str(out), "records": n, "split": split, "size": size, "seed": seed,
+    return {"out": str(out), "records": n, "split": split, "size": size, "seed": seed, "t2i_layout": t2i_layout,
             "tasks": dict(sorted(counts.items())), "heldout_records": heldout}
 
 
@@ -656,7 +696,8 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         raise InputError(f"{path}: no such file; write one with `vargpt data shapesworld --out DIR`") from None
 
 
-__all__ = ["CATEGORIES", "EDIT_KINDS", "HELDOUT_COMPOSITIONS", "HELDOUT_PAIRS", "TASKS", "EditSpec", "ObjSpec",
-           "PromptSpec", "Ref", "apply_edit", "caption", "corrupt", "edit_text", "make_record", "parse_edit",
-           "parse_prompt", "prompt_text", "question", "read_records", "relation_holds", "resolve_ref",
-           "sample_edit", "sample_prompt", "scene_for_prompt", "spec_matches", "unique_ref", "write_dataset"]
+__all__ = ["CANONICAL_CELLS", "CANONICAL_COLOUR", "CATEGORIES", "EDIT_KINDS", "HELDOUT_COMPOSITIONS", "HELDOUT_PAIRS",
+           "LAYOUTS", "TASKS", "EditSpec", "ObjSpec", "PromptSpec", "Ref", "apply_edit", "canonical_scene", "caption",
+           "corrupt", "edit_text", "make_record", "parse_edit", "parse_prompt", "prompt_text", "question",
+           "read_records", "relation_holds", "resolve_ref", "sample_edit", "sample_prompt", "scene_for_prompt",
+           "spec_matches", "unique_ref", "write_dataset"]

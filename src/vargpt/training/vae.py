@@ -79,6 +79,10 @@ class VAETrainConfig:
     init: str | None = None  # warm start: weights from a `vargpt train vae` output (OUT or OUT/model), new optimiser
     progress: bool = True
     max_minutes: float | None = None  # time budget: fit `steps` (at most as given) and the LR schedule to it
+    crop: int | None = None  # train on random crop x crop windows (one offset per batch) of the images: the model is
+    # convolutional, so a crop step costs ~(crop/size)^2 of a full one, but GroupNorm statistics differ between a crop
+    # and a whole image (tiny stride-8 autoencoder after 984 crop steps: 23.7 dB on crops, 20.1 dB on whole 64 px
+    # images), so finish at full size (--init)
     vae_overrides: dict[str, Any] | None = None  # VAEConfig fields replacing the preset's (e.g. {"base_ch": 64})
 
     def validate(self) -> None:
@@ -89,6 +93,8 @@ class VAETrainConfig:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if any(v < 1 for v in self.extra_sizes):
             raise InputError(f"sizes must be >= 1, got {self.extra_sizes}")
+        if self.crop is not None and not 1 <= self.crop <= min(self.sizes):
+            raise InputError(f"crop must be between 1 and the smallest size ({min(self.sizes)}), got {self.crop}")
         if self.lr <= 0:
             raise InputError(f"lr must be > 0, got {self.lr}")
 
@@ -306,7 +312,7 @@ def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
         vae_cfg = dataclasses.replace(vae_cfg, **cfg.vae_overrides)
         vae_cfg.validate()
     sizes = cfg.sizes
-    schedules = {sz: schedule_for_size(sz, sz, vae_cfg.stride) for sz in sizes}
+    schedules = {sz: schedule_for_size(cfg.crop or sz, cfg.crop or sz, vae_cfg.stride) for sz in sizes}
     paths = find_images(resolve_data(cfg.data, out / "data", max(sizes), seed=cfg.seed))
     image_sets = {sz: ImageSet(paths, sz) for sz in sizes}
     torch.manual_seed(cfg.seed)  # parameter init only; data order uses its own generator below
@@ -392,6 +398,9 @@ def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
         k_prefix = int(torch.randint(1, len(schedules[size]), (1,), generator=gen)) if cfg.prefix_weight > 0 else None
         x = to_unit(image_sets[size].batch(torch.tensor(idx)), device)
         x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+        if cfg.crop is not None and cfg.crop < size:
+            top, left = torch.randint(0, size - cfg.crop + 1, (2,), generator=gen).tolist()
+            x = x[:, :, top:top + cfg.crop, left:left + cfg.crop]
 
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
