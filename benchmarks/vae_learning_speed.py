@@ -6,10 +6,10 @@ wall-clock budget, then PSNR of the whole 64 px images (first 200 of the data) a
         [--crop 32] [--data shapesworld:4000] [--threads 1]
 
 ``--bottleneck none`` trains encoder -> decoder without the quantiser (an upper bound on learning speed);
-``bsq`` uses the model's own multi-scale BSQ (conv) or a one-scale sign bottleneck with straight-through
-gradients (patch). ``--arch patch`` is an experiment, not a model of this package: an 8x8 patchify conv, residual
-blocks at the latent grid only and a pixel-shuffle decoder (all compute at 8x8). No prefix / commitment / entropy
-terms: this measures how fast the autoencoder itself learns, not the full `vargpt train vae` recipe.
+``bsq`` uses the model's own multi-scale BSQ. ``--arch`` is `VAEConfig.arch`: ``conv`` (released layout) or
+``patch`` (the embedded default's: all compute at the latent grid). No prefix / commitment / entropy terms: this
+measures how fast the autoencoder itself learns, not the full `vargpt train vae` recipe. Session-6 figures
+(27.6 dB for patch) came from an earlier patch layout without the per-patch MLPs.
 """
 
 from __future__ import annotations
@@ -21,40 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vargpt.config import get_preset
 from vargpt.models.vae import BSQVAE
 from vargpt.training.vae import ImageSet, find_images, recon_loss, resolve_data, to_unit
-
-
-class _Res(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.GroupNorm(32, c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1),
-                                  nn.GroupNorm(32, c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1))
-
-    def forward(self, x):
-        return x + self.body(x)
-
-
-class PatchAE(nn.Module):
-    def __init__(self, width: int, bits: int, stride: int = 8) -> None:
-        super().__init__()
-        self.bits = bits
-        self.enc = nn.Sequential(nn.Conv2d(3, width, stride, stride=stride), _Res(width), _Res(width),
-                                 nn.GroupNorm(32, width), nn.SiLU(), nn.Conv2d(width, bits, 3, padding=1))
-        self.dec = nn.Sequential(nn.Conv2d(bits, width, 3, padding=1), _Res(width), _Res(width), _Res(width),
-                                 nn.GroupNorm(32, width), nn.SiLU(), nn.Conv2d(width, 3 * stride**2, 1),
-                                 nn.PixelShuffle(stride))
-
-    def forward(self, x, quantise: bool):
-        z = self.enc(x)
-        if quantise:
-            z = F.normalize(z, dim=1)
-            z = z + (torch.sign(z) / self.bits**0.5 - z).detach()
-        return self.dec(z)
 
 
 def main() -> None:
@@ -65,6 +36,7 @@ def main() -> None:
     ap.add_argument("--base-ch", type=int, default=32, help="conv: base channels; patch: width")
     ap.add_argument("--ch-mult", default="1,1,2,2")
     ap.add_argument("--norm-groups", type=int, default=32)
+    ap.add_argument("--num-res-blocks", type=int, default=1, help="encoder blocks per level (decoder: one more)")
     ap.add_argument("--codebook-dim", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -76,12 +48,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.arch == "conv":
-        cfg = dataclasses.replace(get_preset("tiny").vae, ch_mult=tuple(int(c) for c in args.ch_mult.split(",")),
-                                  codebook_dim=args.codebook_dim, base_ch=args.base_ch, norm_groups=args.norm_groups)
-        model: nn.Module = BSQVAE(cfg)
-    else:
-        model = PatchAE(args.base_ch, args.codebook_dim)
+    cfg = dataclasses.replace(get_preset("tiny").vae, ch_mult=tuple(int(c) for c in args.ch_mult.split(",")),
+                              codebook_dim=args.codebook_dim, base_ch=args.base_ch, norm_groups=args.norm_groups,
+                              arch=args.arch, num_res_blocks=args.num_res_blocks)
+    cfg.validate()
+    model = BSQVAE(cfg)
     model.train()
     paths = find_images(resolve_data(args.data, Path("runs/bench_data"), args.size))
     images = ImageSet(paths, args.size)
@@ -90,8 +61,6 @@ def main() -> None:
     quantise = args.bottleneck == "bsq"
 
     def reconstruct(x):
-        if args.arch == "patch":
-            return model(x, quantise)
         if quantise:
             return model.decoder(model.quantize(x).quantized_BDHW)
         return model.decoder(model.encode_latent(x))

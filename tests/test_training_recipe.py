@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from vargpt.errors import ConfigError
 from vargpt.training.recipe import FREEZE_PRESETS, MODULES, load_recipe, trainable_modules
@@ -58,6 +59,9 @@ def test_overrides_are_typed(tmp_path):
     ("batch_size=0", ["batch_size"]),
     ("data.sources.3.weight=1", ["data.sources.3"]),
     ("stage=rlhf", ["stage"]),
+    ("optim.lr_scale={decoder: 0.5}", ["optim.lr_scale", "decoder"]),
+    ("optim.lr_scale={visual: 0}", ["optim.lr_scale.visual"]),
+    ("optim.lr_scale={visual: slow}", ["optim.lr_scale.visual"]),
 ])
 def test_bad_fields_name_themselves(tmp_path, override, words):
     with pytest.raises(ConfigError) as e:
@@ -86,3 +90,22 @@ def test_released_freezing_table_presets():
     }
     for stage, names in frozen.items():
         assert set(FREEZE_PRESETS[f"released_stage{stage}"]) == set(MODULES) - names
+
+
+def test_lr_scale_sets_each_module_group_lr(tmp_path):
+    from torch import nn
+
+    from vargpt.training.trainer import param_groups
+
+    r = load_recipe(_write(tmp_path, BASE), ["optim.lr=1e-3", "optim.weight_decay=0.1",
+                                             "optim.lr_scale={visual: 3e-1, visual.merger: 2}"])
+    assert r.optim.lr_scale == {"visual": 0.3, "visual.merger": 2.0}
+    params = [(n, nn.Parameter(torch.zeros(shape))) for n, shape in [
+        ("visual.blocks.0.w", (2, 2)), ("visual.blocks.0.b", (2,)), ("visual.merger.w", (2, 2)),
+        ("visual_x.w", (2, 2)), ("model.w", (2, 2))]]
+    groups = param_groups(params, r.optim)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    got = {n: lr_of[id(p)] for n, p in params}
+    # the most specific entry wins; "visual_x" is not under "visual"
+    assert got == {"visual.blocks.0.w": (3e-4, 0.1), "visual.blocks.0.b": (3e-4, 0.0),
+                   "visual.merger.w": (2e-3, 0.1), "visual_x.w": (1e-3, 0.1), "model.w": (1e-3, 0.1)}

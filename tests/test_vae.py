@@ -1,11 +1,13 @@
 """BSQ VAE: conformance with fixture (c), released key layout at full size, input checks."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from conftest import VAE_DECODE_TOL, assert_close_recorded, load_fixture
 from vargpt.config import official_config, tiny_config
-from vargpt.errors import InputError
+from vargpt.errors import ConfigError, InputError
 from vargpt.models.quantizer import multiscale_bits, sum_codes
 from vargpt.models.vae import BSQVAE
 
@@ -154,6 +156,33 @@ def test_tiny_round_trip_shapes(tiny_vae):
     assert coarse.shape == x.shape
     recon, q = tiny_vae(x)
     assert recon.shape == x.shape and len(q.z) == 5
+
+
+def test_patch_arch_round_trip_and_key_layout():
+    cfg = dataclasses.replace(tiny_config().vae, arch="patch", patch_size=8, base_ch=32, codebook_dim=24)
+    cfg.validate()
+    vae = BSQVAE(cfg).eval()
+    assert vae.stride == 8
+    x = torch.rand(2, 3, 80, 40) * 2 - 1
+    tok = vae.encode(x)
+    assert [tuple(b.shape[1:]) for b in tok.bits][-1] == (10, 5, 24)
+    assert vae.decode_bits(tok.bits).shape == x.shape
+    recon, q = vae(x)
+    assert recon.shape == x.shape and q.quantized_BDHW.shape == (2, 24, 10, 5)
+    # compute lives at the latent grid: no module sees a 64 px or 32 px feature map
+    keys = set(vae.state_dict())
+    assert "encoder.conv_in.conv.weight" in keys and "decoder.conv_out.conv.weight" in keys
+    assert not any(".down." in k or ".up." in k for k in keys)
+    assert vae.state_dict()["encoder.conv_in.conv.weight"].shape == (32, 3, 8, 8)
+    # the released layout is unchanged by the new field
+    assert BSQVAE(tiny_config().vae).state_dict().keys() == BSQVAE(
+        dataclasses.replace(tiny_config().vae, patch_size=4)).state_dict().keys()
+
+
+@pytest.mark.parametrize("over, match", [({"arch": "mlp"}, "conv or patch"), ({"patch_size": 0}, "patch_size")])
+def test_bad_arch_config(over, match):
+    with pytest.raises(ConfigError, match=match):
+        dataclasses.replace(tiny_config().vae, **over).validate()
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from vargpt.training.checkpoint import (
     load_model_dir,
     save_checkpoint,
 )
-from vargpt.training.vae import VAETrainConfig, find_images, load_vae, train_vae
+from vargpt.training.vae import VAETrainConfig, find_images, foreground_weights, load_vae, recon_loss, train_vae
 
 
 def _write_images(d, n=6, size=16, seed=0):
@@ -222,3 +222,34 @@ def test_load_vae_reads_the_vae_of_a_full_model(tiny_model_dir):
     assert cfg["kind"] == "bsq_vae" and cfg["from_model"] == str(tiny_model_dir)
     for k, v in vae.state_dict().items():
         assert torch.equal(v, full[f"vae_local.{k}"]), k
+
+
+def test_foreground_weights_mark_off_background_pixels_and_weight_the_loss():
+    x = torch.full((2, 3, 8, 8), 0.8)  # light background
+    x[0, :, 2:4, 2:4] = torch.tensor([-1.0, 0.5, 0.0])[:, None, None]  # a 2x2 object on image 0 only
+    w = foreground_weights(x, 4.0)
+    assert w.shape == (2, 1, 8, 8)
+    assert w[0, 0, 2:4, 2:4].eq(5.0).all() and w[0].sum() == 64 + 4 * 4 and w[1].eq(1.0).all()
+    recon = x.clone()
+    recon[0, :, 2, 2] = 0.8  # one object pixel wrong
+    plain, l1, mse = recon_loss(recon, x, "l1")
+    weighted, l1w, msew = recon_loss(recon, x, "l1", w)
+    assert (l1, mse) == (l1w, msew)  # the reported metrics stay unweighted
+    assert weighted > plain  # the error sits on the object: weighting raises the loss
+    with pytest.raises(InputError, match="foreground_weight"):
+        VAETrainConfig(data="x", out="y", foreground_weight=-1).validate()
+
+
+def test_cli_trains_a_patch_vae_with_foreground_weight(tmp_path, capsys):
+    data = _write_images(tmp_path / "imgs")
+    out = tmp_path / "run"
+    main(["train", "vae", "--data", str(data), "--out", str(out), "--steps", "2", "--batch-size", "2", "--size", "16",
+          "--device", "cpu", "--vae", "arch=patch", "--vae", "base_ch=32", "--vae", "codebook_dim=8",
+          "--foreground-weight", "4"])
+    vae = json.loads((out / "model" / "config.json").read_text())["vae"]
+    assert (vae["arch"], vae["patch_size"], vae["base_ch"], vae["codebook_dim"]) == ("patch", 8, 32, 8)
+    model, _ = load_vae(out)
+    assert model.cfg.arch == "patch" and model.stride == 8
+    with pytest.raises(SystemExit):
+        main(["train", "vae", "--data", str(data), "--out", str(out), "--vae", "base_ch=wide"])
+    assert "comma-separated list of integers" in capsys.readouterr().err

@@ -198,6 +198,8 @@ def train_vae_cmd(
     prefix_weight: Annotated[float, typer.Option("--prefix-weight", help="Weight of the reconstruction from the "
                                                  "first k scales (k random), which makes coarse scales carry "
                                                  "a coarse image (0 = off).")] = 0.5,
+    foreground_weight: Annotated[float, typer.Option("--foreground-weight", help="Extra loss weight on pixels off "
+                                                     "the background colour (sharper small shapes; 0 = off).")] = 0.0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="Autocast dtype: auto (bf16 on CUDA), fp32, bf16.")] = "auto",
     ckpt_every: Annotated[int, typer.Option("--ckpt-every", min=1)] = 500,
@@ -210,8 +212,8 @@ def train_vae_cmd(
     crop: Annotated[int | None, typer.Option("--crop", help="Train on random CROP x CROP windows (a multiple of "
                                              "the VAE stride): cheaper steps; finish at full size with --init.")
                     ] = None,
-    vae: Annotated[list[str] | None, typer.Option("--vae", help="Override a VAE size: KEY=VALUE, repeatable "
-                                                  "(e.g. --vae base_ch=64 --vae ch_mult=1,1,2,2).")] = None,
+    vae: Annotated[list[str] | None, typer.Option("--vae", help="Override a VAE field: KEY=VALUE, repeatable (e.g. "
+                                                  "--vae base_ch=64 --vae ch_mult=1,1,2,2 --vae arch=patch).")] = None,
 ) -> None:
     """Train the BSQ VAE (reconstruction + commitment/entropy); writes OUT/model for `vargpt eval vae`."""
     from vargpt.errors import InputError
@@ -227,13 +229,16 @@ def train_vae_cmd(
         if not sep:
             raise InputError(f"--vae {item!r}: expected KEY=VALUE, e.g. --vae base_ch=64")
         nums = [int(v) for v in value.split(",") if v.strip().lstrip("-").isdigit()]
+        if key == "arch":
+            overrides[key] = value
+            continue
         if len(nums) != len(value.split(",")):
             raise InputError(f"--vae {item!r}: VALUE must be an integer or a comma-separated list of integers")
         overrides[key] = tuple(nums) if "," in value else nums[0]
     res = train_vae(VAETrainConfig(data=data, out=str(out), preset=preset, steps=steps, batch_size=batch_size,
                                    lr=lr, size=sizes[0], extra_sizes=tuple(sizes[1:]), recon_loss=recon,
                                    adversarial_weight=adversarial_weight, entropy_weight=entropy_weight,
-                                   prefix_weight=prefix_weight,
+                                   prefix_weight=prefix_weight, foreground_weight=foreground_weight,
                                    device=device, dtype=dtype, ckpt_every=ckpt_every, keep_last=keep_last,
                                    seed=seed, resume=resume, init=str(init) if init else None,
                                    max_minutes=max_minutes, crop=crop, vae_overrides=overrides or None))
@@ -456,6 +461,30 @@ def convert_cmd(
         raise InputError(f"--to {to!r}: use released or vargpt")
     layout = convert_checkpoint(src, dst, layout=to, max_shard_size=max_shard_size, dtype=dtype, device=device)
     typer.echo(json.dumps({"src": str(src), "dst": str(dst), "layout": layout}))
+
+
+@app.command("serve")
+def serve_cmd(
+    host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback exposes the model "
+                                      "to the network (set --api-key).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="VARGPT_API_KEY",
+                                                help="Require 'Authorization: Bearer KEY' on /v1/ (or set "
+                                                "VARGPT_API_KEY, which keeps it out of the process list).")] = None,
+    model: Annotated[Path | None, typer.Option("--model", help=_MODEL_HELP)] = None,
+    device: Annotated[str, typer.Option("--device", help=_DEVICE_HELP)] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help=_DTYPE_HELP)] = "auto",
+) -> None:
+    """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/images/generations, /v1/images/edits, /v1/models."""
+    import logging
+
+    from vargpt.pipeline import VARGPTPipeline
+    from vargpt.server import ServerSettings, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pipe = VARGPTPipeline.from_pretrained(model, device=device, dtype=dtype, progress=False)
+    model_id = model.resolve().name if model is not None else "vargpt-tiny"
+    serve(pipe, ServerSettings(model_id=model_id, api_key=api_key or None, host=host, port=port))
 
 
 # ----------------------------------------------------------------------------------------------- entry

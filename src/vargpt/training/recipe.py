@@ -131,6 +131,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     eps: float = 1e-8
     grad_clip: float | None = 1.0  # max global gradient norm (None: no clipping)
+    lr_scale: dict[str, float] = field(default_factory=dict)  # module (as in `trainable`) -> lr multiplier, e.g.
+    # {visual: 0.3}: a from-scratch vision tower learns shape faster at a lower lr than the LLM beside it
 
 
 @dataclass
@@ -197,6 +199,10 @@ class Recipe:
         _require(self.optim.lr > 0, "optim.lr", self.optim.lr, "> 0")
         _require(all(0 <= b < 1 for b in self.optim.betas), "optim.betas", self.optim.betas, "two values in [0, 1)")
         _require(self.optim.weight_decay >= 0, "optim.weight_decay", self.optim.weight_decay, ">= 0")
+        for name, scale in self.optim.lr_scale.items():
+            _require(isinstance(name, str) and name.split(".")[0] in MODULES, "optim.lr_scale", name,
+                     f"a module name ({', '.join(MODULES)}, dotted sub-modules allowed)")
+            _require(isinstance(scale, (int, float)) and scale > 0, f"optim.lr_scale.{name}", scale, "> 0")
         _require(self.optim.grad_clip is None or self.optim.grad_clip > 0, "optim.grad_clip", self.optim.grad_clip,
                  "> 0 or null")
         _require(0 <= self.schedule.warmup_ratio < 1, "schedule.warmup_ratio", self.schedule.warmup_ratio, "[0, 1)")
@@ -285,6 +291,8 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"recipe field {name} = {value!r} is invalid: expected a mapping")
+        if len(args) == 2:
+            return {_coerce(args[0], k, name): _coerce(args[1], v, f"{name}.{k}") for k, v in value.items()}
         return value
     if hint is bool:
         ok = isinstance(value, bool)

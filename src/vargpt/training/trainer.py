@@ -234,6 +234,21 @@ def build_processor(model: nn.Module, recipe: Recipe):
     return VARGPTProcessor(tokenizer, cfg, max_image_pixels=recipe.data.max_image_pixels)
 
 
+def param_groups(params: list[tuple[str, nn.Parameter]], optim: Any) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices only; ``optim.lr_scale`` (module prefix -> multiplier) sets each
+    group's lr (the most specific prefix wins; the LR schedule multiplies every group's own lr)."""
+    def scale(name: str) -> float:
+        hits = [m for m in optim.lr_scale if name == m or name.startswith(m + ".")]
+        return optim.lr_scale[max(hits, key=len)] if hits else 1.0
+
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for n, p in params:
+        groups.setdefault((p.dim() >= 2, scale(n)), []).append(p)
+    order = sorted(groups, key=lambda k: (not k[0], k[1]))  # matrices first, as checkpoints of older runs have it
+    return [{"params": groups[k], "weight_decay": optim.weight_decay if k[0] else 0.0, "lr": optim.lr * k[1]}
+            for k in order]
+
+
 def lr_factor(step: int, total: int, *, kind: str, warmup_ratio: float, min_lr_ratio: float) -> float:
     """Multiplier of the peak lr after ``step`` optimiser steps: linear warm-up, then cosine decay or constant."""
     warmup = int(math.ceil(warmup_ratio * total))
@@ -406,9 +421,7 @@ def train(recipe: Recipe, *, resume: bool = False, device: str = "auto") -> Trai
 
     # ---- optimiser (trainable parameters only; no weight decay on vectors), schedule
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in params if p.dim() >= 2], "weight_decay": recipe.optim.weight_decay},
-              {"params": [p for n, p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.optim.lr, betas=recipe.optim.betas,
+    optimizer = torch.optim.AdamW(param_groups(params, recipe.optim), lr=recipe.optim.lr, betas=recipe.optim.betas,
                                   eps=recipe.optim.eps)
     sched = recipe.schedule
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
@@ -544,7 +557,7 @@ def train(recipe: Recipe, *, resume: bool = False, device: str = "auto") -> Trai
             samples_seen += n_samples
             skipped_total += n_skipped
             now = time.perf_counter()
-            row = {"step": step, **mean, "lr": scheduler.get_last_lr()[0],
+            row = {"step": step, **mean, "lr": recipe.optim.lr * scheduler.lr_lambdas[0](scheduler.last_epoch),
                    "samples_per_s": n_samples / max(now - t_log, 1e-9), "skipped_records": skipped_total,
                    "elapsed_s": now - t_start}
             metrics.log(row)
