@@ -173,7 +173,9 @@ def test_patch_arch_round_trip_and_key_layout():
     keys = set(vae.state_dict())
     assert "encoder.conv_in.conv.weight" in keys and "decoder.conv_out.conv.weight" in keys
     assert not any(".down." in k or ".up." in k for k in keys)
-    assert vae.state_dict()["encoder.conv_in.conv.weight"].shape == (32, 3, 8, 8)
+    # per-patch MLPs, 4x the width: patch -> 128 -> 32 in the encoder, 32 -> 128 -> 8x8x3 pixels in the decoder
+    assert vae.state_dict()["encoder.conv_in.conv.weight"].shape == (128, 3, 8, 8)
+    assert vae.state_dict()["decoder.conv_out.conv.weight"].shape == (192, 128, 1, 1)
     # the released layout is unchanged by the new field
     assert BSQVAE(tiny_config().vae).state_dict().keys() == BSQVAE(
         dataclasses.replace(tiny_config().vae, patch_size=4)).state_dict().keys()

@@ -131,7 +131,7 @@ def test_crop_training_trains_on_windows_and_keeps_the_full_size_model(tmp_path,
     seen = []
     real = vae_training.recon_loss
     monkeypatch.setattr(vae_training, "recon_loss",
-                        lambda r, x, kind: (seen.append(tuple(x.shape)), real(r, x, kind))[1])
+                        lambda r, x, kind, w=None: (seen.append(tuple(x.shape)), real(r, x, kind, w))[1])
     res = train_vae(_cfg(tmp_path, data, size=32, crop=16, steps=6, ckpt_every=6, entropy_weight=0.01))
     assert seen and all(shape[-2:] == (16, 16) for shape in seen)
     vae, cfg = load_vae(res.out)
