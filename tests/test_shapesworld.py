@@ -39,6 +39,7 @@ from vargpt.data.shapesworld import (
     write_dataset,
 )
 from vargpt.errors import InputError
+from vargpt.processing import render_training_turns
 
 
 def _all_scenes(rec: dict) -> list[Scene]:
@@ -229,3 +230,21 @@ def test_canonical_layout_changes_only_training_targets_it_is_asked_for():
         make_record(3, split="test", tasks=("vqa",))[0]
     with pytest.raises(InputError, match="unknown t2i layout"):
         make_record(0, split="train", t2i_layout="grid")
+
+
+def test_multi_turn_question_records_keep_the_first_turn_and_ask_distinct_questions():
+    for i in range(12):
+        one, img1 = make_record(i, split="train", tasks=("vqa",))
+        many, img4 = make_record(i, split="train", tasks=("vqa",), vqa_turns=4)
+        assert many["messages"][:2] == one["messages"] and many["scene"] == one["scene"]
+        assert img1.keys() == img4.keys()
+        users = [m["content"] for m in many["messages"][0::2]]
+        roles = [m["role"] for m in many["messages"]]
+        assert roles == ["user", "assistant"] * len(users) and 2 <= len(users) <= 4
+        assert len(set(users)) == len(users) and all("<image>" not in u for u in users[1:])
+        assert many["meta"]["qtypes"][0] == many["meta"]["qtype"] and len(many["meta"]["qtypes"]) == len(users)
+        render_training_turns(many["messages"])  # a valid training conversation
+    assert sum(len(make_record(i, split="train", tasks=("vqa",), vqa_turns=4)[0]["messages"]) == 8
+               for i in range(12)) >= 10
+    with pytest.raises(InputError, match="vqa_turns"):
+        make_record(0, split="train", tasks=("vqa",), vqa_turns=0)

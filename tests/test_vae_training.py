@@ -240,12 +240,25 @@ def test_foreground_weights_mark_off_background_pixels_and_weight_the_loss():
         VAETrainConfig(data="x", out="y", foreground_weight=-1).validate()
 
 
+def test_edge_weights_mark_the_boundary_ring_of_an_object():
+    x = torch.full((1, 3, 8, 8), 0.8)
+    x[0, :, 3:5, 3:5] = -1.0  # 2x2 object: its 3x3-dilated ring (4x4 box at 2..5) spans both colours
+    w = foreground_weights(x, 0.0, edge_weight=2.0)
+    edge = torch.zeros(8, 8, dtype=torch.bool)
+    edge[2:6, 2:6] = True
+    assert w[0, 0][edge].eq(3.0).all() and w[0, 0][~edge].eq(1.0).all()
+    both = foreground_weights(x, 4.0, edge_weight=2.0)
+    assert both[0, 0, 3, 3] == 7.0 and both[0, 0, 2, 2] == 3.0 and both[0, 0, 0, 0] == 1.0
+    with pytest.raises(InputError, match="edge_weight"):
+        VAETrainConfig(data="x", out="y", edge_weight=-1).validate()
+
+
 def test_cli_trains_a_patch_vae_with_foreground_weight(tmp_path, capsys):
     data = _write_images(tmp_path / "imgs")
     out = tmp_path / "run"
     main(["train", "vae", "--data", str(data), "--out", str(out), "--steps", "2", "--batch-size", "2", "--size", "16",
           "--device", "cpu", "--vae", "arch=patch", "--vae", "base_ch=32", "--vae", "codebook_dim=8",
-          "--foreground-weight", "4"])
+          "--foreground-weight", "4", "--edge-weight", "2"])
     vae = json.loads((out / "model" / "config.json").read_text())["vae"]
     assert (vae["arch"], vae["patch_size"], vae["base_ch"], vae["codebook_dim"]) == ("patch", 8, 32, 8)
     model, _ = load_vae(out)

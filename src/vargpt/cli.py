@@ -42,7 +42,8 @@ class _RecipeGroup(typer.core.TyperGroup):
 train_app = typer.Typer(help="Train models: `vargpt train --recipe FILE key.sub=value ... --resume`, or the VAE.",
                         no_args_is_help=True, cls=_RecipeGroup)
 app.add_typer(train_app, name="train")
-eval_app = typer.Typer(help="Evaluate models and write JSON reports.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate models and write JSON reports: `vargpt eval --json PATH` scores every task "
+                       "in one report; the subcommands score one.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
 EXIT_USER_ERROR = 2
@@ -78,12 +79,15 @@ def data_shapesworld(
     t2i_layout: Annotated[str, typer.Option("--t2i-layout", help="Text-to-image targets: random (any scene that "
                                             "satisfies the prompt) or canonical (one fixed layout per prompt).")
                           ] = "random",
+    vqa_turns: Annotated[int, typer.Option("--vqa-turns", min=1, help="Questions per question record (a "
+                                           "multi-turn chat about one picture; the first turn is unchanged).")] = 1,
 ) -> None:
     """Write a ShapesWorld dataset: DIR/records.jsonl and the images beside it."""
     from vargpt.data.shapesworld import TASKS, write_dataset
 
     chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) or TASKS
-    summary = write_dataset(out, n=n, split=split, size=size, seed=seed, tasks=chosen, t2i_layout=t2i_layout)
+    summary = write_dataset(out, n=n, split=split, size=size, seed=seed, tasks=chosen, t2i_layout=t2i_layout,
+                            vqa_turns=vqa_turns)
     typer.echo(json.dumps(summary))
 
 
@@ -200,6 +204,8 @@ def train_vae_cmd(
                                                  "a coarse image (0 = off).")] = 0.5,
     foreground_weight: Annotated[float, typer.Option("--foreground-weight", help="Extra loss weight on pixels off "
                                                      "the background colour (sharper small shapes; 0 = off).")] = 0.0,
+    edge_weight: Annotated[float, typer.Option("--edge-weight", help="Extra loss weight on pixels at colour "
+                                               "boundaries (crisper corners of small shapes; 0 = off).")] = 0.0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="Autocast dtype: auto (bf16 on CUDA), fp32, bf16.")] = "auto",
     ckpt_every: Annotated[int, typer.Option("--ckpt-every", min=1)] = 500,
@@ -239,6 +245,7 @@ def train_vae_cmd(
                                    lr=lr, size=sizes[0], extra_sizes=tuple(sizes[1:]), recon_loss=recon,
                                    adversarial_weight=adversarial_weight, entropy_weight=entropy_weight,
                                    prefix_weight=prefix_weight, foreground_weight=foreground_weight,
+                                   edge_weight=edge_weight,
                                    device=device, dtype=dtype, ckpt_every=ckpt_every, keep_last=keep_last,
                                    seed=seed, resume=resume, init=str(init) if init else None,
                                    max_minutes=max_minutes, crop=crop, vae_overrides=overrides or None))
@@ -251,8 +258,9 @@ def eval_vae_cmd(
     json_path: Annotated[Path, typer.Option("--json", help="Report path; pictures are written beside it.")],
     model: Annotated[Path, typer.Option("--model", help="Output directory of `vargpt train vae`.")] = Path(
         "runs/vae"),
-    data: Annotated[str, typer.Option("--data", help="Image folder or shapesworld:N (test split).")] = (
+    data: Annotated[str, typer.Option("--data", help="Image folder or shapesworld:N (of --split).")] = (
         "shapesworld:64"),
+    split: Annotated[str, typer.Option("--split", help="ShapesWorld split: test (report) or val.")] = "test",
     size: Annotated[int, typer.Option("--size", help="Square evaluation size in pixels.")] = 64,
     limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many images.")] = 256,
     device: Annotated[str, typer.Option("--device")] = "auto",
@@ -260,22 +268,35 @@ def eval_vae_cmd(
     """PSNR/SSIM per number of scales, bit usage, reconstruction pictures and a PSNR-vs-k plot."""
     from vargpt.eval.vae import run_eval
 
-    rep = run_eval(model, data, json_path, size=size, limit=limit, device=device)
+    _check_split(split)
+    rep = run_eval(model, data, json_path, split=split, size=size, limit=limit, device=device)
     typer.echo(json.dumps({k: rep[k] for k in ("psnr_db", "ssim", "psnr_db_by_scales", "n_images", "size")}))
+
+
+def _check_split(split: str) -> None:
+    """Evaluations read held-out records only: val to choose settings, test to report (models learn from train)."""
+    from vargpt.errors import InputError
+
+    if split not in ("val", "test"):
+        raise InputError(f"--split {split!r}: use val (to choose settings) or test (to report)")
+
+
+def _seed_list(seeds: str) -> list[int]:
+    from vargpt.errors import InputError
+
+    try:
+        return [int(v) for v in seeds.split(",")]
+    except ValueError:
+        raise InputError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
 
 
 def _eval_task(kind: str, model: Path | None, n: int, seeds: str, size: int | None, cfg: float | None,
                batch: int, device: str, json_path: Path, split: str = "test", tau: float | None = None) -> None:
     """`vargpt eval t2i|edit|vqa`: score the model with `vargpt.eval.tasks`, write the JSON (+ a PNG of samples)."""
-    from vargpt.errors import InputError
     from vargpt.eval import tasks
 
-    try:
-        seed_list = [int(v) for v in seeds.split(",")]
-    except ValueError:
-        raise InputError(f"--seeds {seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
-    if split not in ("val", "test"):
-        raise InputError(f"--split {split!r}: use val (to choose settings) or test (to report)")
+    seed_list = _seed_list(seeds)
+    _check_split(split)
     pipe = _pipeline(model, device, "auto")
     kw = dict(seeds=seed_list, size=size, sampling=pipe.sampling_config(cfg, tau), batch=batch, keep_images=32)
     sources = None
@@ -311,6 +332,34 @@ _EvalSize = Annotated[int | None, typer.Option("--size", help="Image size (defau
 _EvalCfg = Annotated[float | None, typer.Option("--cfg", help="CFG scale (default: the model's).")]
 _EvalBatch = Annotated[int, typer.Option("--batch", min=1)]
 _EvalDevice = Annotated[str, typer.Option("--device")]
+
+
+@eval_app.callback(invoke_without_command=True)
+def eval_report_cmd(ctx: typer.Context, model: _EvalModel = None, n: _EvalN = 64, seeds: _EvalSeeds = "0,1,2",
+                    split: _EvalSplit = "test", device: _EvalDevice = "auto",
+                    json_path: Annotated[Path | None, typer.Option("--json", help="Report path; a .md table and "
+                                                                   "sample sheets are written beside it.")] = None,
+                    ) -> None:
+    """Without a subcommand: one report of every task (VAE, VQA, text-to-image, editing), one model load."""
+    from vargpt.errors import InputError
+
+    if ctx.invoked_subcommand is not None:
+        given = [p.opts[0] for p in ctx.command.params
+                 if getattr(ctx.get_parameter_source(p.name), "name", None) == "COMMANDLINE"]
+        if given:
+            raise InputError(f"{', '.join(given)} before `{ctx.invoked_subcommand}` belongs to the full report; put "
+                             f"it after the subcommand: vargpt eval {ctx.invoked_subcommand} {given[0]} ...")
+        return
+    from vargpt.eval.report import HEADLINE, evaluate_model
+
+    if json_path is None:
+        raise InputError("vargpt eval needs --json PATH for the full report, or a subcommand: vae, t2i, edit, vqa")
+    seed_list = _seed_list(seeds)
+    _check_split(split)
+    rep = evaluate_model(_pipeline(model, device, "auto"), json_path, model_name=str(model or "embedded default"),
+                         split=split, n=n, seeds=seed_list)
+    summary = {key: rep[key] for key, _, _ in HEADLINE} | {k: rep[k] for k in ("n", "seeds", "seconds")}
+    typer.echo(json.dumps(summary | {"json": str(json_path)}))
 
 
 @eval_app.command("t2i")

@@ -155,8 +155,9 @@ class VARGPTPipeline:
         # 5. post-process
         return to_pil(out.images)[0]
 
-    def _chat_inputs(self, messages: str | Sequence[dict[str, Any]],
-                     images: Sequence[Image.Image] | Image.Image | None) -> dict[str, Tensor]:
+    def chat_inputs(self, messages: str | Sequence[dict[str, Any]],
+                    images: Sequence[Image.Image] | Image.Image | None) -> dict[str, Tensor]:
+        """The processor's inputs for a chat turn: a question string gets one image placeholder per image in front."""
         images = [images] if isinstance(images, Image.Image) else list(images or [])
         if isinstance(messages, str):
             if not messages.strip():
@@ -165,8 +166,9 @@ class VARGPTPipeline:
                 messages = IMAGE_PLACEHOLDER * len(images) + "\n" + messages
         return self.processor(messages, [im.convert("RGB") for im in images] or None)
 
-    def _chat_kwargs(self, inputs: dict[str, Tensor], max_new_tokens: int, do_sample: bool, temperature: float,
-                     top_p: float, seed: int) -> dict[str, Any]:
+    def chat_generate_kwargs(self, inputs: dict[str, Tensor], max_new_tokens: int, do_sample: bool,
+                             temperature: float, top_p: float, seed: int) -> dict[str, Any]:
+        """`VARGPT.generate` keywords answering ``inputs`` (one sample, or a left-padded batch) with text only."""
         return dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                     pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
                     max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
@@ -176,8 +178,9 @@ class VARGPTPipeline:
              *, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              seed: int = 0) -> str:
         """The assistant's answer to ``messages`` (a question string or chat messages) about ``images``."""
-        inputs = self._chat_inputs(messages, images)
-        parts = self.model.generate(**self._chat_kwargs(inputs, max_new_tokens, do_sample, temperature, top_p, seed))
+        inputs = self.chat_inputs(messages, images)
+        parts = self.model.generate(**self.chat_generate_kwargs(inputs, max_new_tokens, do_sample, temperature, top_p,
+                                                                seed))
         return "".join(p for p in parts[0] if isinstance(p, str))
 
     def chat_stream(self, messages: str | Sequence[dict[str, Any]],
@@ -185,9 +188,9 @@ class VARGPTPipeline:
                     do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                     seed: int = 0) -> Iterator[str]:
         """Like `chat`, as text pieces while they are generated (transformers' `TextIteratorStreamer`)."""
-        inputs = self._chat_inputs(messages, images)
+        inputs = self.chat_inputs(messages, images)
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = self._chat_kwargs(inputs, max_new_tokens, do_sample, temperature, top_p, seed)
+        kwargs = self.chat_generate_kwargs(inputs, max_new_tokens, do_sample, temperature, top_p, seed)
         errors: list[BaseException] = []
 
         def run() -> None:

@@ -591,11 +591,16 @@ def record_rng(seed: int, split: str, index: int) -> random.Random:
 
 
 def make_record(index: int, *, split: str, seed: int = 0, size: int = 64, tasks: Sequence[str] = TASKS,
-                t2i_layout: str = "random") -> tuple[dict[str, Any], dict[str, Image.Image]]:
+                t2i_layout: str = "random", vqa_turns: int = 1) -> tuple[dict[str, Any], dict[str, Image.Image]]:
     """Record `index` of a split and its images ({relative path: image}); pure function of its arguments.
 
     ``t2i_layout="canonical"``: text-to-image targets are `canonical_scene` (the prompt is drawn the same way).
+    ``vqa_turns=k``: a question record is a conversation of k distinct questions about its picture (the first turn
+    is the single-turn record's; meta ``qtype`` is the first one's, ``qtypes`` all of them). One picture then trains
+    k answers for the price of one image encoding.
     """
+    if vqa_turns < 1:
+        raise InputError(f"vqa_turns must be at least 1 (got {vqa_turns})")
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if t2i_layout not in LAYOUTS:
@@ -614,6 +619,17 @@ def make_record(index: int, *, split: str, seed: int = 0, size: int = 64, tasks:
             qtype, q, a = question(scene, rng, train=train)
             messages, meta = [{"role": "user", "content": f"<image>\n{q}"}, {"role": "assistant", "content": a}], \
                 {"qtype": qtype}
+            if vqa_turns > 1:
+                asked, qtypes = {q}, [qtype]
+                for _ in range(50 * vqa_turns):  # small scenes have few distinct questions: stop trying, not hang
+                    if len(asked) == vqa_turns:
+                        break
+                    qtype, q, a = question(scene, rng, train=train)
+                    if q not in asked:
+                        asked.add(q)
+                        qtypes.append(qtype)
+                        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                meta["qtypes"] = qtypes
         images = {f"{stem}.png": render(scene, size)}
         meta["heldout"] = uses_heldout([scene])
         return _record(rid, task, messages, list(images), scene, meta), images
@@ -654,7 +670,8 @@ def _record(rid: str, task: str, messages: list[dict[str, str]], images: list[st
 
 
 def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 64, seed: int = 0,
-                  tasks: Sequence[str] = TASKS, t2i_layout: str = "random", progress: bool = True) -> dict[str, Any]:
+                  tasks: Sequence[str] = TASKS, t2i_layout: str = "random", vqa_turns: int = 1,
+                  progress: bool = True) -> dict[str, Any]:
     """Write `n` records to ``out/records.jsonl`` and their PNGs under ``out/images``; returns a summary."""
     from tqdm import tqdm
 
@@ -675,7 +692,8 @@ def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 
     heldout = 0
     with tmp.open("w") as f:
         for i in tqdm(range(n), desc=f"shapesworld {split}", unit="rec", disable=not progress):
-            rec, images = make_record(i, split=split, seed=seed, size=size, tasks=tasks, t2i_layout=t2i_layout)
+            rec, images = make_record(i, split=split, seed=seed, size=size, tasks=tasks, t2i_layout=t2i_layout,
+                                      vqa_turns=vqa_turns)
             for rel, img in images.items():
                 img.save(out / rel, format="PNG", optimize=False)
             f.write(json.dumps(rec, separators=(",", ":")) + "\n")
@@ -683,7 +701,7 @@ def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 
             heldout += bool(rec["meta"]["heldout"])
     os.replace(tmp, out / "records.jsonl")
     return {"out": str(out), "records": n, "split": split, "size": size, "seed": seed, "t2i_layout": t2i_layout,
-            "tasks": dict(sorted(counts.items())), "heldout_records": heldout}
+            "vqa_turns": vqa_turns, "tasks": dict(sorted(counts.items())), "heldout_records": heldout}
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

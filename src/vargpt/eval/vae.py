@@ -6,7 +6,8 @@ SSIM (scikit-image, channel axis last, data range 1) averaged over images, per k
 the PSNR of the unquantised latent (the autoencoder's own ceiling), and per-scale bit usage: the fraction of
 ones, the mean per-bit entropy in bits (1 = every bit used half the time) and the fraction of distinct codes
 among the positions of that scale. ``run_eval`` is what ``vargpt eval vae`` calls: it also writes a PNG of
-reconstructions (original, then k = 1..K) and a plot of PSNR against k.
+reconstructions (original, then k = 1..K) and a plot of PSNR against k. ``eval_images`` reads the images
+(a folder, or ShapesWorld scenes of one split) for it and for the one-report ``vargpt eval``.
 """
 
 from __future__ import annotations
@@ -131,11 +132,22 @@ def plot_psnr_by_scales(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def run_eval(model: str | Path, data: str, json_path: str | Path, *, size: int = 64, limit: int = 256,
-             device: str = "auto", batch_size: int = 16) -> dict[str, Any]:
-    """Load a trained VAE, evaluate on ``data`` (a folder or ``shapesworld:N``, test split), write the report."""
+def eval_images(data: str, work_dir: str | Path, size: int, *, split: str = "test",
+                 limit: int | None = None) -> Tensor:
+    """uint8 [N, 3, size, size]: the first ``limit`` images of ``data``, a folder or ``shapesworld:N`` (the records
+    of ``split``, written once under ``work_dir``)."""
+    from vargpt.training.vae import ImageSet, find_images, resolve_data
+
+    paths = find_images(resolve_data(data, Path(work_dir), size, split=split, seed=0))[:limit]
+    return ImageSet(paths, size).batch(torch.arange(len(paths)))
+
+
+def run_eval(model: str | Path, data: str, json_path: str | Path, *, split: str = "test", size: int = 64,
+             limit: int = 256, device: str = "auto", batch_size: int = 16) -> dict[str, Any]:
+    """Load a trained VAE (or a full model's), evaluate on ``data`` (a folder or ``shapesworld:N`` of ``split``),
+    write the report."""
     from vargpt.runtime import resolve_device
-    from vargpt.training.vae import ImageSet, find_images, load_vae, resolve_data
+    from vargpt.training.vae import load_vae
 
     json_path = Path(json_path)
     out_dir = json_path.parent
@@ -144,12 +156,11 @@ def run_eval(model: str | Path, data: str, json_path: str | Path, *, size: int =
     vae, model_cfg = load_vae(model, dev)
     if size % vae.stride:
         raise InputError(f"--size {size} is not a multiple of the VAE stride {vae.stride}")
-    folder = resolve_data(data, out_dir / "data", size, split="test", seed=0)
-    paths = find_images(folder)[:limit]
-    images = ImageSet(paths, size).batch(torch.arange(len(paths)))
+    images = eval_images(data, out_dir / "data", size, split=split, limit=limit)
     report = evaluate_vae(vae, images, batch_size=batch_size)
     stem = json_path.with_suffix("")
     report["model"], report["data"], report["preset"] = str(model), str(data), model_cfg.get("preset")
+    report["split"] = split if data.startswith("shapesworld:") else None  # a folder has no split
     report["pictures"] = {
         "reconstructions": str(save_reconstruction_grid(vae, images, f"{stem}_recon.png")),
         "psnr_by_scales": str(plot_psnr_by_scales(report, f"{stem}_psnr_by_scales.png")),

@@ -68,6 +68,7 @@ class VAETrainConfig:
     adversarial_weight: float = 0.0
     adversarial_start: int = 0  # step at which the adversarial term switches on
     foreground_weight: float = 0.0  # extra loss weight on pixels off the background colour (`foreground_weights`)
+    edge_weight: float = 0.0  # extra loss weight on pixels at colour boundaries (`foreground_weights`)
     prefix_weight: float = 0.5  # also reconstruct from the first k < K scales (k random per step): coarse scales
     grad_clip: float = 1.0
     seed: int = 0
@@ -98,8 +99,9 @@ class VAETrainConfig:
             raise InputError(f"crop must be between 1 and the smallest size ({min(self.sizes)}), got {self.crop}")
         if self.lr <= 0:
             raise InputError(f"lr must be > 0, got {self.lr}")
-        if self.foreground_weight < 0:
-            raise InputError(f"foreground_weight must be >= 0, got {self.foreground_weight}")
+        for name in ("foreground_weight", "edge_weight"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -268,13 +270,19 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
-def foreground_weights(x: Tensor, weight: float) -> Tensor:
+def foreground_weights(x: Tensor, weight: float, edge_weight: float = 0.0) -> Tensor:
     """Per-pixel loss weights [B, 1, H, W]: 1 on the background, ``1 + weight`` elsewhere, the background being
     the per-image, per-channel median colour (ShapesWorld: a flat background over most of the image). Small
     objects hold a few percent of the pixels; without it their edges barely move the mean loss and come out blurred.
+    ``edge_weight`` adds to every pixel on a colour boundary (its 3x3 neighbourhood spans > 0.1 in some channel):
+    a shape is told by its corners and edges, and a small object is mostly edge, so this weighs small objects most.
     """
     bg = x.flatten(2).median(dim=2).values[:, :, None, None]
-    return 1.0 + weight * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.05).float()
+    w = 1.0 + weight * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.05).float()
+    if edge_weight:
+        spread = F.max_pool2d(x, 3, 1, 1) + F.max_pool2d(-x, 3, 1, 1)  # local max - local min, per channel
+        w = w + edge_weight * (spread.amax(dim=1, keepdim=True) > 0.1).float()
+    return w
 
 
 def recon_loss(recon: Tensor, x: Tensor, kind: str, weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -423,7 +431,8 @@ def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
         with autocast:
             recon, q = vae(x, schedules[size], prefix=k_prefix)
             recon_prefix = vae.decoder(q.prefix_BDHW) if k_prefix else None
-        w = foreground_weights(x, cfg.foreground_weight) if cfg.foreground_weight > 0 else None
+        weighted = cfg.foreground_weight > 0 or cfg.edge_weight > 0
+        w = foreground_weights(x, cfg.foreground_weight, cfg.edge_weight) if weighted else None
         rec, l1, mse = recon_loss(recon, x, cfg.recon_loss, w)
         commit, entropy = bsq_losses(q.z)
         loss = rec + cfg.commitment_weight * commit + cfg.entropy_weight * entropy
