@@ -58,3 +58,32 @@ def test_chat_repl(tiny_model_dir, tmp_path, capsys, monkeypatch):
                              "--model", str(tiny_model_dir), "--device", "cpu")
     assert code == 0, err
     assert len(out.splitlines()) == 2  # one answer line per question, then the empty line ends the session
+
+
+def test_non_square_sizes_width_x_height_or_aspect(tiny_model_dir, tmp_path, capsys):
+    from vargpt.pipeline import VARGPTPipeline
+    from vargpt.scales import num_tokens, resolve_size
+
+    m = ["--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32"]
+    code, _, err = run_cli(capsys, "generate", "a red circle", "--size", "64", "--aspect", "2:1",
+                           "--out", str(tmp_path / "wide.png"), *m)
+    assert code == 0, err
+    assert Image.open(tmp_path / "wide.png").size == (80, 40)  # PIL: (width, height)
+    code, _, err = run_cli(capsys, "generate", "a red circle", "--size", "40x80", "--out", str(tmp_path / "tall.png"),
+                           *m)
+    assert code == 0, err
+    assert Image.open(tmp_path / "tall.png").size == (40, 80)
+    src = tmp_path / "src.png"
+    Image.fromarray(np.full((64, 64, 3), 90, dtype=np.uint8)).save(src)
+    code, _, err = run_cli(capsys, "edit", "--image", str(src), "make it red", "--size", "80x40",
+                           "--out", str(tmp_path / "e.png"), *m)
+    assert code == 0, err
+    assert Image.open(tmp_path / "e.png").size == (80, 40)
+    code, _, err = run_cli(capsys, "generate", "a circle", "--size", "100x60", "--out", str(tmp_path / "x.png"), *m)
+    assert code == 2 and "nearest supported sizes: 112x64" in err and not (tmp_path / "x.png").exists()
+    # the tokens drawn follow the 2:1 schedule: its grids, its token count
+    model = VARGPTPipeline.from_pretrained(tiny_model_dir, device="cpu", dtype="fp32", progress=False).model
+    out = model.generate_images("a red circle", size=resolve_size("64", 8, "2:1"), seed=0)
+    assert out.images.shape == (1, 3, 40, 80) and out.schedule[-1] == (1, 5, 10)
+    assert sum(b.shape[1] * b.shape[2] for b in out.bits) == num_tokens(out.schedule)
+    assert [tuple(b.shape[1:3]) for b in out.bits] == [(h, w) for _, h, w in out.schedule]

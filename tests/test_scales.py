@@ -2,8 +2,10 @@ import pytest
 
 from vargpt.errors import InputError
 from vargpt.scales import (
+    nearest_sizes,
     num_tokens,
     padded_tokens,
+    resolve_size,
     scale_offsets,
     scale_schedule,
     schedule_for_size,
@@ -30,3 +32,29 @@ def test_schedule_for_size():
     assert schedule_for_size(64, 64, 8)[-1] == (1, 8, 8)
     with pytest.raises(InputError, match="supported sizes"):
         schedule_for_size(500, 500, 16)
+
+
+def test_resolve_size_reads_squares_width_x_height_and_aspects():
+    assert resolve_size("512", 16) == resolve_size(512, 16) == (512, 512)
+    assert resolve_size("736x368", 16) == (368, 736)  # WIDTHxHEIGHT, as OpenAI writes sizes
+    assert resolve_size(" 368X736 ", 16) == (736, 368)
+    # an aspect picks that template at the square's pixel budget (index of 32x32 in the 1:1 template)
+    assert resolve_size("512", 16, "2:1") == (368, 736) and resolve_size("512", 16, "1:2") == (736, 368)
+    assert resolve_size("64", 8, "2:1") == (40, 80)
+    h, w = resolve_size("512", 16, "4:3")
+    assert 0.7 < h / w < 0.8 and schedule_for_size(h, w, 16)[-1][1:] == (h // 16, w // 16)
+
+
+@pytest.mark.parametrize("size,aspect,match", [
+    ("500", None, "nearest supported sizes: 512x512"), ("100x60", None, "nearest supported sizes"),
+    ("wide", None, "WIDTHxHEIGHT"), ("512x", None, "WIDTHxHEIGHT"), ("736x368", "2:1", "square size"), ("768x384", None, "nearest supported sizes: 736x368"),
+    ("512", "2", "WIDTH:HEIGHT"), ("512", "0:1", "WIDTH:HEIGHT"), ("500", "2:1", "templates define")])
+def test_resolve_size_errors_name_the_fix(size, aspect, match):
+    with pytest.raises(InputError, match=match):
+        resolve_size(size, 16, aspect)
+
+
+def test_nearest_sizes_prefer_the_aspect_then_the_area():
+    assert nearest_sizes(500, 500, 16)[0] == (512, 512)
+    h, w = nearest_sizes(380, 760, 16)[0]
+    assert w == 2 * h or abs(w / h - 2) < 0.1

@@ -399,6 +399,21 @@ def _pipeline(model: Path | None, device: str, dtype: str):
     return VARGPTPipeline.from_pretrained(model, device=device, dtype=dtype)
 
 
+_Size = Annotated[str | None, typer.Option("--size", help="N (square) or WIDTHxHEIGHT, e.g. 768x384, in pixels "
+                                            "(default: the model's); any size the scale templates define.")]
+_Aspect = Annotated[str | None, typer.Option("--aspect", help="WIDTH:HEIGHT, e.g. 2:1: that aspect at the pixel "
+                                             "budget of the square --size.")]
+
+
+def _resolve_size(pipe, size: str | None, aspect: str | None) -> tuple[int, int] | None:
+    """--size / --aspect as (height, width) for the pipeline; None = the model's own size."""
+    from vargpt.scales import resolve_size
+
+    if size is None and aspect is None:
+        return None
+    return resolve_size(size or pipe.model.config.image_size, pipe.model.config.vae.stride, aspect)
+
+
 def _out_paths(out: Path, count: int) -> list[Path]:
     """One image: ``out`` is the file (``.png`` added if it has no suffix). More: ``out`` is a directory."""
     if count == 1 and not out.is_dir():
@@ -424,7 +439,8 @@ def _save(images: list, out: Path) -> None:
 def generate_cmd(
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts.")],
     out: Annotated[Path, typer.Option("--out", help="PNG file for one image, else a directory.")],
-    size: Annotated[int | None, typer.Option("--size", help="Square size in pixels (default: the model's).")] = None,
+    size: _Size = None,
+    aspect: _Aspect = None,
     seed: Annotated[int, typer.Option("--seed", help="Image i uses seed + i.")] = 0,
     cfg: Annotated[float | None, typer.Option("--cfg", help="Classifier-free guidance (default: the model's).")] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Images per prompt.")] = 1,
@@ -433,7 +449,8 @@ def generate_cmd(
     dtype: Annotated[str, typer.Option("--dtype", help=_DTYPE_HELP)] = "auto",
 ) -> None:
     """Generate images from text prompts and write them as PNG."""
-    _save(_pipeline(model, device, dtype).generate(prompts, seed=seed, cfg=cfg, size=size, n=n), out)
+    pipe = _pipeline(model, device, dtype)
+    _save(pipe.generate(prompts, seed=seed, cfg=cfg, size=_resolve_size(pipe, size, aspect), n=n), out)
 
 
 @app.command("edit")
@@ -443,6 +460,8 @@ def edit_cmd(
     out: Annotated[Path, typer.Option("--out", help="Output PNG file.")],
     seed: Annotated[int, typer.Option("--seed")] = 0,
     cfg: Annotated[float | None, typer.Option("--cfg", help="Classifier-free guidance (default: the model's).")] = None,
+    size: _Size = None,
+    aspect: _Aspect = None,
     model: Annotated[Path | None, typer.Option("--model", help=_MODEL_HELP)] = None,
     device: Annotated[str, typer.Option("--device", help=_DEVICE_HELP)] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help=_DTYPE_HELP)] = "auto",
@@ -451,7 +470,8 @@ def edit_cmd(
     from vargpt.imageio import load_image
 
     source = load_image(image)
-    _save([_pipeline(model, device, dtype).edit(source, instruction, seed=seed, cfg=cfg)], out)
+    pipe = _pipeline(model, device, dtype)
+    _save([pipe.edit(source, instruction, seed=seed, cfg=cfg, size=_resolve_size(pipe, size, aspect))], out)
 
 
 @app.command("chat")

@@ -12,6 +12,8 @@ pixel size, so users can ask for any size the templates define (non-square inclu
 
 from __future__ import annotations
 
+import math
+
 from vargpt.errors import InputError
 
 Schedule = tuple[tuple[int, int, int], ...]
@@ -74,15 +76,49 @@ def schedule_for_grid(grid_h: int, grid_w: int) -> Schedule:
 
 
 def schedule_for_size(height: int, width: int, stride: int) -> Schedule:
-    """The schedule that generates a `height` x `width` image with a VAE of the given stride."""
-    if height % stride or width % stride:
-        raise InputError(f"image size {height}x{width} is not a multiple of the VAE stride {stride}; "
-                         f"supported sizes: {supported_sizes_text(stride)}")
-    try:
-        return schedule_for_grid(height // stride, width // stride)
-    except InputError:
-        raise InputError(f"no scale schedule generates {height}x{width} images; "
-                         f"supported sizes: {supported_sizes_text(stride)}") from None
+    """The schedule that generates a `height` x `width` image with a VAE of the given stride; `InputError` naming
+    the nearest supported sizes when none does."""
+    if height % stride == 0 and width % stride == 0:
+        try:
+            return schedule_for_grid(height // stride, width // stride)
+        except InputError:
+            pass
+    near = ", ".join(f"{w}x{h}" for h, w in nearest_sizes(height, width, stride))
+    raise InputError(f"no scale schedule generates {width}x{height} (WIDTHxHEIGHT) images with VAE stride {stride}; "
+                     f"nearest supported sizes: {near}")
+
+
+def nearest_sizes(height: int, width: int, stride: int, k: int = 3) -> list[tuple[int, int]]:
+    """The ``k`` supported (height, width) sizes closest to the given one (in log aspect ratio, then log area)."""
+    def distance(hw: tuple[int, int]) -> tuple[float, float]:
+        h, w = hw
+        return abs(math.log(h / w) - math.log(height / width)), abs(math.log(h * w / (height * width)))
+    return sorted(supported_sizes(stride), key=lambda hw: (round(sum(distance(hw)), 9), hw))[:k]
+
+
+def resolve_size(size: str | int, stride: int, aspect: str | None = None) -> tuple[int, int]:
+    """A user's size as (height, width) pixels: ``"512"`` (square), ``"768x384"`` (WIDTHxHEIGHT, as OpenAI writes
+    it), or ``"512"`` with ``aspect="2:1"`` (WIDTH:HEIGHT): the template of that aspect at the pixel budget that
+    ends at 512x512, as the released dynamic-resolution templates pair them (official: 2:1 at 512 -> 736x368).
+    Raises `InputError` naming the nearest supported sizes when no schedule generates it."""
+    text = str(size).strip().lower()
+    w_text, sep, h_text = text.partition("x")
+    if not (w_text.isdigit() and (not sep or h_text.isdigit())):
+        raise InputError(f"size {size!r}: write N (square) or WIDTHxHEIGHT, e.g. 512 or 768x384")
+    width, height = int(w_text), int(h_text or w_text)
+    if aspect is not None:
+        a_w, colon, a_h = aspect.strip().partition(":")
+        if sep or not (colon and a_w.isdigit() and a_h.isdigit() and int(a_w) and int(a_h)):
+            raise InputError(f"aspect {aspect!r}: write WIDTH:HEIGHT (e.g. 2:1) with a square size (e.g. 512)")
+        square = TEMPLATES[1.0]
+        if width % stride or (width // stride, width // stride) not in square:
+            raise InputError(f"size {width} with an aspect ratio: the square size must be one the templates define "
+                             f"({', '.join(str(h * stride) for h, _ in square[4:])})")
+        index = square.index((width // stride, width // stride))
+        h, w = TEMPLATES[nearest_template(int(a_h) / int(a_w))][index]
+        return h * stride, w * stride
+    schedule_for_size(height, width, stride)  # raises, naming the nearest supported sizes
+    return height, width
 
 
 def supported_sizes(stride: int) -> list[tuple[int, int]]:
@@ -93,7 +129,7 @@ def supported_sizes(stride: int) -> list[tuple[int, int]]:
 
 def supported_sizes_text(stride: int, limit: int = 12) -> str:
     sizes = supported_sizes(stride)
-    shown = ", ".join(f"{h}x{w}" for h, w in sizes[:limit])
+    shown = ", ".join(f"{w}x{h}" for h, w in sizes[:limit])
     return shown + (f", ... ({len(sizes)} in all)" if len(sizes) > limit else "")
 
 
