@@ -47,7 +47,8 @@ def test_resolve_size_reads_squares_width_x_height_and_aspects():
 
 @pytest.mark.parametrize("size,aspect,match", [
     ("500", None, "nearest supported sizes: 512x512"), ("100x60", None, "nearest supported sizes"),
-    ("wide", None, "WIDTHxHEIGHT"), ("512x", None, "WIDTHxHEIGHT"), ("736x368", "2:1", "square size"), ("768x384", None, "nearest supported sizes: 736x368"),
+    ("wide", None, "WIDTHxHEIGHT"), ("512x", None, "WIDTHxHEIGHT"), ("736x368", "2:1", "square size"),
+    ("768x384", None, "nearest supported sizes: 736x368"),
     ("512", "2", "WIDTH:HEIGHT"), ("512", "0:1", "WIDTH:HEIGHT"), ("500", "2:1", "templates define")])
 def test_resolve_size_errors_name_the_fix(size, aspect, match):
     with pytest.raises(InputError, match=match):
