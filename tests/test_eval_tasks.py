@@ -118,3 +118,11 @@ def test_cli_eval_scores_the_split_it_is_given_and_refuses_train(tmp_path, capsy
     code, out, err = run_cli(capsys, "eval", "t2i", "--model", str(tiny_model_dir), "--split", "train",
                              "--json", str(tmp_path / "t.json"), "--device", "cpu")
     assert code == 2 and "--split 'train'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_t2i_cases_in_the_canonical_layout_keep_the_prompts_and_change_the_targets():
+    plain, canon = G.t2i_cases(8, split="val"), G.t2i_cases(8, split="val", layout="canonical")
+    assert [c.prompt for c in plain] == [c.prompt for c in canon]
+    assert [c.category for c in plain] == [c.category for c in canon]
+    assert all(c.target["background"] == "white" for c in canon)
+    assert any(a.target != b.target for a, b in zip(plain, canon, strict=True))

@@ -64,20 +64,22 @@ class VQACase:
     kind: str
 
 
-def _records(task: str, n: int, split: str, seed: int, size: int) -> list[tuple[dict[str, Any], Image.Image, str]]:
+def _records(task: str, n: int, split: str, seed: int, size: int,
+             t2i_layout: str = "random") -> list[tuple[dict[str, Any], Image.Image, str]]:
     """(record, its first image, the user's text without the image placeholder) of the first ``n`` ``task``
     records of a ShapesWorld split."""
     out = []
     for i in range(n):
-        rec, images = make_record(i, split=split, seed=seed, size=size, tasks=(task,))
+        rec, images = make_record(i, split=split, seed=seed, size=size, tasks=(task,), t2i_layout=t2i_layout)
         out.append((rec, images[rec["images"][0]], rec["messages"][0]["content"].replace("<image>", "").strip()))
     return out
 
 
-def t2i_cases(n: int, *, split: str = "test", seed: int = 0) -> list[T2ICase]:
-    """The first ``n`` text-to-image prompts of a ShapesWorld split."""
+def t2i_cases(n: int, *, split: str = "test", seed: int = 0, layout: str = "random") -> list[T2ICase]:
+    """The first ``n`` text-to-image prompts of a ShapesWorld split; ``layout="canonical"``: the same prompts with
+    `canonical_scene` targets (what a model trained on canonical layouts draws; only the VAE ceiling reads them)."""
     return [T2ICase(text, rec["meta"]["category"], rec["scene"])
-            for rec, _, text in _records("t2i", n, split, seed, 64)]
+            for rec, _, text in _records("t2i", n, split, seed, 64, layout)]
 
 
 def edit_cases(n: int, *, split: str = "test", seed: int = 0, size: int = 64) -> list[EditCase]:
