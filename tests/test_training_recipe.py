@@ -30,11 +30,19 @@ def test_shipped_recipes_are_valid(path):
     assert r.name == path.stem and set(trainable_modules(r)) <= set(MODULES)
 
 
+@pytest.mark.parametrize("path", sorted((RECIPES / "tiny").glob("*.yaml")), ids=lambda p: p.name)
+def test_next_embedded_default_recipes_are_valid(path):
+    r = load_recipe(path)  # scripts/build_tiny.sh's stages
+    assert r.name == f"tiny_{path.stem}" and set(trainable_modules(r)) <= set(MODULES)
+    assert r.out_dir == f"runs/tiny/{path.stem}" and r.data.image_size == 64
+
+
 def test_shipped_recipe_set_is_complete():
     names = {p.stem for p in RECIPES.glob("*.yaml")}
     assert {"stage1_projector_pretrain", "stage2_instruction_tuning", "stage3a_256px", "stage3b_512px",
             "stage3c_dpo", "stage3d_edit", "tiny_3a_64px", "tiny_3b_128px", "tiny_dpo", "tiny_edit",
             "tiny_understanding"} <= names
+    assert {p.stem for p in (RECIPES / "tiny").glob("*.yaml")} == {"understanding", "gen", "dpo", "edit"}
     r = load_recipe(RECIPES / "stage3a_256px.yaml")  # shipped SFT yaml values (reference-facts 8.4)
     assert (r.optim.lr, r.schedule.kind, r.schedule.warmup_ratio, r.grad_accum, r.precision, r.max_steps) == (
         5e-5, "cosine", 0.1, 2, "bf16", 40000)

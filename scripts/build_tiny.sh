@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Build the next embedded default from nothing with the project's own code, on 2 CPU cores (a GPU shortens it):
+#   ShapesWorld data (64 px) + tiny BPE tokenizer
+#   -> in parallel: the patch VAE (`vargpt train vae`, one core) | understanding SFT (recipes/tiny/understanding.yaml)
+#   -> text-to-image SFT (recipes/tiny/gen.yaml; two processes) -> on-policy preferences + DPO (recipes/tiny/dpo.yaml)
+#   -> editing SFT (recipes/tiny/edit.yaml) -> `vargpt eval` on held-out records -> (INSTALL=1) into the package.
+#
+#   scripts/build_tiny.sh              # full build under runs/tiny (ROOT), about 2.5 h on 2 CPU cores
+#   QUICK=1 scripts/build_tiny.sh      # smoke run: a few steps per stage on tiny data, under runs/tiny_quick
+#   INSTALL=1 scripts/build_tiny.sh    # also copy the final model into src/vargpt/assets/tiny (never in QUICK mode)
+#
+# Resumable and deterministic: a stage whose output exists is skipped, an interrupted stage resumes from its newest
+# checkpoint; fixed seeds and step counts (no wall-clock budgets), one thread per process.
+# Environment: ROOT, DEVICE [cpu], PYTHON [python], STAGE_ARGS (recipe overrides added to every stage).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK=${QUICK:-0}
+INSTALL=${INSTALL:-0}
+if [[ $QUICK == 1 ]]; then
+    ROOT=${ROOT:-runs/tiny_quick}
+    N_UND=60; N_T2I=40; N_VAE=24; N_EDIT=40; TOK_N=200; VAE_STEPS=4; PREF_N=8; EVAL_N=2; EVAL_SEEDS=0
+    QUICK_ARGS=(max_steps=3 log_every=1 checkpoint.every=3 data.num_workers=0)
+else
+    ROOT=${ROOT:-runs/tiny}
+    N_UND=30000; N_T2I=40000; N_VAE=8000; N_EDIT=20000; TOK_N=2000; VAE_STEPS=15000; PREF_N=1536; EVAL_N=64
+    EVAL_SEEDS=0,1,2
+    QUICK_ARGS=()
+fi
+DEVICE=${DEVICE:-cpu}
+PYTHON=${PYTHON:-python}
+read -r -a EXTRA <<< "${STAGE_ARGS:-}"
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1  # one core per process: the VAE and the understanding run share two
+DATA=$ROOT/data
+mkdir -p "$ROOT"
+echo "build_tiny: QUICK=$QUICK ROOT=$ROOT DEVICE=$DEVICE $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null)" \
+    | tee -a "$ROOT/build.log"
+
+# run_stage NAME DONE_FILE COMMAND...: skip when DONE_FILE exists, else run it and log the wall time.
+run_stage() {
+    local name=$1 done_file=$2 t0
+    shift 2
+    if [[ -e $done_file ]]; then
+        echo "== $name: done already ($done_file)" | tee -a "$ROOT/build.log"
+        return
+    fi
+    echo "== $name: $*" | tee -a "$ROOT/build.log"
+    t0=$(date +%s)
+    "$@"
+    echo "== $name: $(( $(date +%s) - t0 )) s" | tee -a "$ROOT/build.log"
+}
+model_done() { echo "$1/model/preprocessor_config.json"; }  # written last by save_pretrained
+shapesworld() { "$PYTHON" -m vargpt data shapesworld --split train --size 64 "$@"; }
+train() {  # train RECIPE OUT [overrides...]: a recipe stage, resumable
+    local recipe=$1 out=$2
+    shift 2
+    "$PYTHON" -m vargpt train --recipe "recipes/tiny/$recipe.yaml" --device "$DEVICE" --resume "out_dir=$out" \
+        "$@" "${QUICK_ARGS[@]}" "${EXTRA[@]}"
+}
+
+# ---- data and tokenizer
+run_stage data_und "$DATA/und64/records.jsonl" shapesworld --out "$DATA/und64" --n "$N_UND" --tasks vqa,vqa,caption \
+    --vqa-turns 6
+run_stage data_t2i "$DATA/t2i64/records.jsonl" shapesworld --out "$DATA/t2i64" --n "$N_T2I" --tasks t2i \
+    --t2i-layout canonical
+run_stage data_vae "$DATA/vae/records.jsonl" shapesworld --out "$DATA/vae" --n "$N_VAE" --tasks t2i,edit,caption \
+    --t2i-layout canonical
+run_stage data_edit "$DATA/edit64/records.jsonl" shapesworld --out "$DATA/edit64" --n "$N_EDIT" --tasks edit
+run_stage tokenizer "$ROOT/tokenizer/tokenizer.json" "$PYTHON" -m vargpt.training.embedded tokenizer \
+    --out "$ROOT/tokenizer" --n "$TOK_N"
+
+# ---- the VAE (background, one core) and understanding SFT (this process, the other core)
+vae() {
+    "$PYTHON" -m vargpt train vae --data "$DATA/vae" --out "$ROOT/vae" --vae arch=patch --vae patch_size=8 \
+        --vae base_ch=64 --vae codebook_dim=64 --vae num_res_blocks=2 --entropy-weight 0.02 --foreground-weight 4 \
+        --edge-weight 8 --lr 1e-3 --batch-size 16 --steps "$VAE_STEPS" --ckpt-every 1000 --device "$DEVICE" --resume
+}
+VAE_PID=
+if [[ ! -e $ROOT/vae/model/config.json ]]; then
+    echo "== vae: background, log $ROOT/vae.log" | tee -a "$ROOT/build.log"
+    vae > "$ROOT/vae.log" 2>&1 &
+    VAE_PID=$!
+fi
+run_stage understanding "$(model_done "$ROOT/understanding")" train understanding "$ROOT/understanding" \
+    "model.tokenizer=$ROOT/tokenizer" "data.sources.0.path=$DATA/und64"
+if [[ -n $VAE_PID ]]; then
+    wait "$VAE_PID" || { echo "the VAE failed: see $ROOT/vae.log" >&2; exit 1; }
+    echo "== vae: done ($(tail -c 300 "$ROOT/vae.log" | tr '\r' '\n' | tail -1))" | tee -a "$ROOT/build.log"
+fi
+
+# ---- text-to-image SFT on two processes (batch 8 each)
+run_stage gen "$(model_done "$ROOT/gen")" "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 2 \
+    -m vargpt train --recipe recipes/tiny/gen.yaml --device "$DEVICE" --resume "out_dir=$ROOT/gen" \
+    "model.checkpoint=$ROOT/understanding/model" "model.vae=$ROOT/vae" "data.sources.0.path=$DATA/t2i64" \
+    "data.sources.1.path=$DATA/und64" "${QUICK_ARGS[@]}" "${EXTRA[@]}"
+
+# ---- DPO on the SFT model's own samples, judged by the checker
+run_stage preferences "$ROOT/prefs/records.jsonl" "$PYTHON" -m vargpt data preferences --model "$ROOT/gen/model" \
+    --out "$ROOT/prefs" --n "$PREF_N" --samples 4 --size 64 --device "$DEVICE" $([[ $QUICK == 1 ]] && echo --render-chosen)
+run_stage dpo "$(model_done "$ROOT/dpo")" train dpo "$ROOT/dpo" "model.checkpoint=$ROOT/gen/model" \
+    "data.sources.0.path=$ROOT/prefs"
+
+# ---- editing SFT
+run_stage edit "$(model_done "$ROOT/edit")" train edit "$ROOT/edit" "model.checkpoint=$ROOT/dpo/model" \
+    "data.sources.0.path=$DATA/edit64" "data.sources.1.path=$DATA/t2i64" "data.sources.2.path=$DATA/und64"
+FINAL=$ROOT/edit/model
+
+# ---- held-out scores (test split, the checker), the same report `vargpt eval` writes
+run_stage eval "$ROOT/eval/report.json" "$PYTHON" -m vargpt eval --model "$FINAL" --n "$EVAL_N" \
+    --seeds "$EVAL_SEEDS" --device "$DEVICE" --json "$ROOT/eval/report.json"
+cat "$ROOT/eval/report.md"
+
+if [[ $INSTALL == 1 && $QUICK != 1 ]]; then
+    ASSETS=src/vargpt/assets/tiny
+    rm -rf "$ASSETS"
+    mkdir -p "$ASSETS"
+    cp "$FINAL"/* "$ASSETS"/
+    cp "$ROOT/eval/report.json" "$ASSETS/check.json"
+    chmod a+r "$ASSETS"/*
+    echo "embedded default installed in $ASSETS: $(du -sh "$ASSETS" | cut -f1)"
+fi
