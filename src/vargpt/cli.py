@@ -556,6 +556,23 @@ def serve_cmd(
     serve(pipe, ServerSettings(model_id=model_id, api_key=api_key or None, host=host, port=port))
 
 
+@app.command("ui")
+def ui_cmd(
+    host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback exposes the model "
+                                      "to the network (the UI has no login).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 7860,
+    model: Annotated[Path | None, typer.Option("--model", help=_MODEL_HELP)] = None,
+    device: Annotated[str, typer.Option("--device", help=_DEVICE_HELP)] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help=_DTYPE_HELP)] = "auto",
+) -> None:
+    """Web UI in the browser (needs the ui extra): chat about an image, generate images, edit an image."""
+    from vargpt.pipeline import VARGPTPipeline
+    from vargpt.ui import launch
+
+    pipe = VARGPTPipeline.from_pretrained(model, device=device, dtype=dtype, progress=False)
+    launch(pipe, host=host, port=port)
+
+
 # ----------------------------------------------------------------------------------------------- entry
 
 
