@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vargpt.config import VAEConfig, tiny_config
+from vargpt.data.scene import COLOURS, SHAPES, SIZES
 from vargpt.errors import ConfigError
 from vargpt.models.vae import BSQVAE
 from vargpt.processing import BPETokenizer, load_tokenizer, special_tokens
@@ -72,3 +73,39 @@ def test_recipe_tokenizer_reaches_the_processor(tmp_path):
     recipe = _recipe(tokenizer=str(tmp_path / "tok"))
     processor = build_processor(build_model(recipe), recipe)
     assert isinstance(processor.tokenizer, BPETokenizer)
+
+
+def test_vision_token_labels_follow_the_object_boxes():
+    from vargpt.data.scene import Obj, Scene
+    from vargpt.training.vision import token_labels
+
+    scene = Scene((Obj("triangle", "blue", "large", 0.5, 0.5), Obj("cross", "red", "small", 0.17, 0.83)), "white")
+    lab = token_labels([scene], 8)
+    shape = lab["shape"].view(8, 8)
+    assert shape[4, 4] == 1 + SHAPES.index("triangle") and shape[3, 3] == shape[4, 3]  # 0.27 box: centres 3..4
+    assert shape[6, 1] == 1 + SHAPES.index("cross") and lab["colour"].view(8, 8)[6, 1] == 1 + list(COLOURS).index("red")
+    assert shape[0, 7] == 0 and lab["size"].view(8, 8)[4, 4] == 1 + list(SIZES).index("large")
+    assert int((shape > 0).sum()) == 4 + 1  # 2x2 token centres inside the large box, 1 inside the small one
+
+
+def test_vision_pretraining_trains_the_tower_and_writes_a_loadable_model(tmp_path):
+    from vargpt.models.vargpt import VARGPT
+    from vargpt.training.vision import VisionPretrainConfig, pretrain_vision
+
+    recipe = tmp_path / "und.yaml"
+    recipe.write_text("name: und\nstage: sft_understanding\nmodel: {preset: tiny, config_overrides: {vision: "
+                      "{patch_size: 4}}}\ndata: {sources: [{path: unused, format: shapesworld}], image_size: 64}\n"
+                      "trainable: [visual, model, lm_head]\n")
+    out = pretrain_vision(VisionPretrainConfig(recipe=str(recipe), out=str(tmp_path / "vis"), steps=3, batch_size=4,
+                                               eval_every=1, progress=False))
+    model = VARGPT.from_pretrained(out)
+    assert model.config.vision.patch_size == 4
+    torch.manual_seed(0)
+    fresh = build_model(recipe_from_dict({
+        "name": "u", "model": {"preset": "tiny", "config_overrides": {"vision": {"patch_size": 4}}}, "trainable": "all",
+        "data": {"sources": [{"path": "x", "format": "shapesworld"}]}}))
+    trained, init = model.state_dict(), fresh.state_dict()
+    assert any(not torch.equal(trained[k], init[k]) for k in trained if k.startswith("visual."))
+    assert all(torch.equal(trained[k], init[k]) for k in trained if k.startswith("model.layers.0."))  # LLM untouched
+    rows = (tmp_path / "vis" / "log.csv").read_text().splitlines()
+    assert rows[0].split(",")[:3] == ["step", "loss", "elapsed_s"] and len(rows) == 4

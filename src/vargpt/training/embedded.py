@@ -4,6 +4,7 @@
   questions, answers, generation prompts, edit instructions and the chat template around them) from ``n`` records
   of each split, so the held-out combinations of val/test are covered too. Deterministic: same ``n`` and ``seed``,
   same ``tokenizer.json``. Recipes point ``model.tokenizer`` at the directory it writes.
+* ``vision`` (`vargpt.training.vision`): dense pretraining of the vision tower on ShapesWorld scene labels.
 * `check_model`: a few generations, edits and answers of a model on held-out ShapesWorld records, scored with the
   deterministic checker (`vargpt.eval.tasks`); the chain's final check.
 
@@ -11,6 +12,7 @@ Command line::
 
     python -m vargpt.training.embedded tokenizer --out runs/tokenizer_tiny [--n 2000] [--seed 0]
     python -m vargpt.training.embedded check --model DIR --json OUT.json [--n 16]
+    python -m vargpt.training.embedded vision --recipe recipes/tiny/understanding.yaml --out DIR [--steps 1500]
 """
 
 from __future__ import annotations
@@ -103,9 +105,22 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--n", type=int, default=16, help="records of each kind")
     c.add_argument("--device", default="auto")
     c.add_argument("--json", required=True, type=Path)
+    v = sub.add_parser("vision", help="pretrain the vision tower of a recipe's model on dense ShapesWorld labels")
+    v.add_argument("--recipe", required=True, type=Path, help="the understanding recipe (its model is built)")
+    v.add_argument("--out", required=True, type=Path)
+    v.add_argument("--steps", type=int, default=1500)
+    v.add_argument("--batch-size", type=int, default=32)
+    v.add_argument("--lr", type=float, default=1e-3)
+    v.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
-        if args.cmd == "tokenizer":
+        if args.cmd == "vision":
+            from vargpt.training.vision import VisionPretrainConfig, pretrain_vision
+
+            cfg = VisionPretrainConfig(recipe=str(args.recipe), out=str(args.out), steps=args.steps,
+                                       batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+            print(json.dumps({"model": str(pretrain_vision(cfg))}))
+        elif args.cmd == "tokenizer":
             print(json.dumps({"tokenizer": str(train_tiny_tokenizer(args.out, n=args.n, seed=args.seed))}))
         else:
             print(json.dumps(check_model(args.model, n=args.n, device=args.device, out_json=args.json)))
