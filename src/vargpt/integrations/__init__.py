@@ -10,6 +10,7 @@ what the two image writers share: sampling with one seed per sample index, grids
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from vargpt.errors import InputError
 from vargpt.pipeline import VARGPTPipeline
 
-__all__ = ["image_grid", "save_png", "sample_prompts"]
+__all__ = ["add_generation_arguments", "image_grid", "load_pipeline", "save_png", "sample_prompts"]
 
 K = TypeVar("K")
 
@@ -68,3 +69,18 @@ def save_png(image: Image.Image, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    """The options both image writers' command lines take: model, sampling, batching, device."""
+    p.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the embedded model)")
+    p.add_argument("--seed", type=int, default=0, help="sample k of every prompt uses seed + k")
+    p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's)")
+    p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
+    p.add_argument("--batch", type=int, default=1, help="prompts per generation call")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
+
+
+def load_pipeline(args: argparse.Namespace) -> VARGPTPipeline:
+    return VARGPTPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vargpt.errors import InputError, VargptError
-from vargpt.integrations import image_grid, sample_prompts, save_png
+from vargpt.integrations import add_generation_arguments, image_grid, load_pipeline, sample_prompts, save_png
 from vargpt.pipeline import VARGPTPipeline
 
 __all__ = ["read_prompts", "write_grids", "main"]
@@ -59,13 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Write DPG-Bench's 2x2 grids (<name>.png) for its prompt folder.")
     p.add_argument("--prompts", type=Path, required=True, help="DPG-Bench's prompts/ folder of <name>.txt files")
     p.add_argument("--outdir", type=Path, required=True, help="output folder (the scorer's image root)")
-    p.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the embedded model)")
-    p.add_argument("--seed", type=int, default=0, help="tile k uses seed + k")
-    p.add_argument("--size", type=int, default=None, help="tile size in pixels (default: the model's)")
-    p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's)")
-    p.add_argument("--batch", type=int, default=1, help="prompts per generation call (4 images each)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
+    add_generation_arguments(p)
     return p
 
 
@@ -73,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         read_prompts(args.prompts)  # a bad folder fails before the model loads
-        pipe = VARGPTPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=False)
+        pipe = load_pipeline(args)
         summary = write_grids(pipe, args.prompts, args.outdir, seed=args.seed, cfg=args.cfg, size=args.size,
                               batch=args.batch)
     except VargptError as e:

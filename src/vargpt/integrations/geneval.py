@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from vargpt.errors import InputError, VargptError
-from vargpt.integrations import image_grid, sample_prompts, save_png
+from vargpt.integrations import add_generation_arguments, image_grid, load_pipeline, sample_prompts, save_png
 from vargpt.pipeline import VARGPTPipeline
 
 __all__ = ["read_metadata", "write_samples", "main"]
@@ -93,15 +93,9 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Write GenEval's image folder for its evaluation_metadata.jsonl.")
     p.add_argument("--metadata", type=Path, required=True, help="GenEval's prompts/evaluation_metadata.jsonl")
     p.add_argument("--outdir", type=Path, required=True, help="output folder (GenEval's imagedir)")
-    p.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the embedded model)")
     p.add_argument("--n-samples", type=int, default=4, help="images per prompt (GenEval uses 4)")
-    p.add_argument("--seed", type=int, default=0, help="sample k of every prompt uses seed + k")
-    p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the model's)")
-    p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
-    p.add_argument("--batch", type=int, default=1, help="prompts per generation call (n-samples images each)")
     p.add_argument("--skip-grid", action="store_true", help="do not write grid.png")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
+    add_generation_arguments(p)
     return p
 
 
@@ -109,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         read_metadata(args.metadata)  # a bad file fails before the model loads
-        pipe = VARGPTPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=False)
+        pipe = load_pipeline(args)
         summary = write_samples(pipe, args.metadata, args.outdir, n_samples=args.n_samples, seed=args.seed,
                                 cfg=args.cfg, size=args.size, batch=args.batch, grid=not args.skip_grid)
     except VargptError as e:
