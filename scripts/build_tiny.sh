@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the next embedded default from nothing with the project's own code, on 2 CPU cores (a GPU shortens it):
 #   ShapesWorld data (64 px) + tiny BPE tokenizer
-#   -> in parallel: the patch VAE (`vargpt train vae`, one core) | understanding SFT (recipes/tiny/understanding.yaml)
+#   -> in parallel: the patch VAE (`vargpt train vae`, one core) | vision-tower pretraining on dense scene labels
+#      (`python -m vargpt.training.embedded vision`) then understanding SFT (recipes/tiny/understanding.yaml)
 #   -> text-to-image SFT (recipes/tiny/gen.yaml; two processes) -> on-policy preferences + DPO (recipes/tiny/dpo.yaml)
 #   -> editing SFT (recipes/tiny/edit.yaml) -> `vargpt eval` on held-out records -> (INSTALL=1) into the package.
 #
@@ -19,11 +20,11 @@ QUICK=${QUICK:-0}
 INSTALL=${INSTALL:-0}
 if [[ $QUICK == 1 ]]; then
     ROOT=${ROOT:-runs/tiny_quick}
-    N_UND=60; N_T2I=40; N_VAE=24; N_EDIT=40; TOK_N=200; VAE_STEPS=4; PREF_N=8; EVAL_N=2; EVAL_SEEDS=0
+    N_UND=60; N_T2I=40; N_VAE=24; N_EDIT=40; TOK_N=200; VAE_STEPS=4; VISION_STEPS=2; PREF_N=8; EVAL_N=2; EVAL_SEEDS=0
     QUICK_ARGS=(max_steps=3 log_every=1 checkpoint.every=3 data.num_workers=0)
 else
     ROOT=${ROOT:-runs/tiny}
-    N_UND=30000; N_T2I=40000; N_VAE=8000; N_EDIT=20000; TOK_N=2000; VAE_STEPS=15000; PREF_N=1536; EVAL_N=64
+    N_UND=30000; N_T2I=40000; N_VAE=8000; N_EDIT=20000; TOK_N=2000; VAE_STEPS=15000; VISION_STEPS=1500; PREF_N=1536; EVAL_N=64
     EVAL_SEEDS=0,1,2
     QUICK_ARGS=()
 fi
@@ -69,7 +70,7 @@ run_stage data_edit "$DATA/edit64/records.jsonl" shapesworld --out "$DATA/edit64
 run_stage tokenizer "$ROOT/tokenizer/tokenizer.json" "$PYTHON" -m vargpt.training.embedded tokenizer \
     --out "$ROOT/tokenizer" --n "$TOK_N"
 
-# ---- the VAE (background, one core) and understanding SFT (this process, the other core)
+# ---- the VAE (background, one core); vision pretraining, then understanding SFT (this process, the other core)
 vae() {
     "$PYTHON" -m vargpt train vae --data "$DATA/vae" --out "$ROOT/vae" --vae arch=patch --vae patch_size=8 \
         --vae base_ch=64 --vae codebook_dim=64 --vae num_res_blocks=2 --entropy-weight 0.02 --foreground-weight 4 \
@@ -81,8 +82,10 @@ if [[ ! -e $ROOT/vae/model/config.json ]]; then
     vae > "$ROOT/vae.log" 2>&1 &
     VAE_PID=$!
 fi
+run_stage vision "$(model_done "$ROOT/vision")" "$PYTHON" -m vargpt.training.embedded vision \
+    --recipe recipes/tiny/understanding.yaml --out "$ROOT/vision" --steps "$VISION_STEPS" "model.tokenizer=$ROOT/tokenizer"
 run_stage understanding "$(model_done "$ROOT/understanding")" train understanding "$ROOT/understanding" \
-    "model.tokenizer=$ROOT/tokenizer" "data.sources.0.path=$DATA/und64"
+    "model.checkpoint=$ROOT/vision/model" "model.tokenizer=$ROOT/tokenizer" "data.sources.0.path=$DATA/und64"
 if [[ -n $VAE_PID ]]; then
     wait "$VAE_PID" || { echo "the VAE failed: see $ROOT/vae.log" >&2; exit 1; }
     echo "== vae: done ($(tail -c 300 "$ROOT/vae.log" | tr '\r' '\n' | tail -1))" | tee -a "$ROOT/build.log"

@@ -19,6 +19,7 @@ Writes ``OUT/model`` (the recipe's fresh model with the trained ``visual.*`` wei
 from __future__ import annotations
 
 import csv
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -37,8 +38,9 @@ HEADS = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES)}  # lab
 
 @dataclass
 class VisionPretrainConfig:
-    recipe: str  # the understanding recipe whose model (preset + overrides, tokenizer) is built
+    recipe: str  # the understanding recipe whose model (preset + overrides, tokenizer; not its checkpoint) is built
     out: str
+    overrides: tuple[str, ...] = ()  # recipe overrides, key=value (as `vargpt train`), e.g. model.tokenizer=DIR
     steps: int = 1500
     batch_size: int = 32
     lr: float = 1e-3
@@ -88,7 +90,9 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> Path:
 
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise InputError(f"steps and batch_size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
-    recipe = load_recipe(cfg.recipe)
+    recipe = load_recipe(cfg.recipe, list(cfg.overrides))
+    # the recipe's preset + overrides define the model; its checkpoint (this stage's output) is ignored
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, checkpoint=None, vae=None))
     size = recipe.data.image_size
     torch.manual_seed(cfg.seed)
     model = build_model(recipe)
