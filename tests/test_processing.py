@@ -80,6 +80,7 @@ def test_training_inputs_labels_and_gen_slots(proc, cfg):
     out = proc.training_inputs(msgs, [src, tgt], system=None)
     ids, labels = out["input_ids"][0].tolist(), out["labels"][0].tolist()
     assert out["gen_images"] == [tgt] and out["image_grid_thw"].tolist() == [[1, 8, 8]]
+    assert out["gen_sources"] == [src]  # the edit's source: the last <image> before the <image_gen> slot
     answer = proc.tokenizer.encode("Done: ") + [t.image_gen_start] + [t.image_gen_pad] * 8 + [t.image_gen_end, t.im_end]
     assert ids[-len(answer):] == answer
     # the image slots are image tokens (bit loss), never text targets: only "Done: ", start, end, im_end supervised
@@ -158,4 +159,4 @@ def test_training_template_reproduces_fixture_d(fixtures_dir, fixture_config):
     msgs = [{"role": "user", "content": "Draw a small house."}, {"role": "assistant", "content": "<image_gen>"}]
     out = proc.training_inputs(msgs, [fd["image_uint8_hwc"]], system=None)
     assert torch.equal(out["input_ids"], fd["input_ids"])
-    assert len(out["gen_images"]) == 1 and "pixel_values" not in out
+    assert len(out["gen_images"]) == 1 and "pixel_values" not in out and out["gen_sources"] == [None]

@@ -191,6 +191,9 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     rope_max_grid: int = 128  # largest grid the 2-D RoPE table covers (released: 2048/16)
     gradient_checkpointing: bool = False
+    # Editing: the source image's own multi-scale codes are added (``source_embed``, zero-initialised) to the block
+    # input of the positions predicting each scale (VAREdit-style). Not in the released layout.
+    source_condition: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -216,6 +219,7 @@ class DecoderConfig:
         _check(0.0 <= self.drop_path_rate < 1.0, s, "drop_path_rate", self.drop_path_rate, "[0, 1)")
         _check(0.0 <= self.cond_drop_rate < 1.0, s, "cond_drop_rate", self.cond_drop_rate, "[0, 1)")
         _check(self.ffn_hidden > 0, s, "mlp_ratio", self.mlp_ratio, "a value with embed_dim * mlp_ratio >= 128")
+        _check(isinstance(self.source_condition, bool), s, "source_condition", self.source_condition, "true or false")
 
 
 @dataclass

@@ -392,8 +392,9 @@ class VARGPTProcessor:
     def training_inputs(self, messages: Sequence[Message], images: Sequence[ImageLike] | None = None, *,
                         system: str | None = DEFAULT_SYSTEM_PROMPT) -> dict[str, Any]:
         """One training sample: ``input_ids`` and ``labels`` [1, L] (prompts and ``<|image_gen_pad|>`` slots =
-        -100), the understanding images' tensors, and ``gen_images``: the images of the ``<image_gen>`` slots
-        (training targets, for the VAE side).
+        -100), the understanding images' tensors, ``gen_images``: the images of the ``<image_gen>`` slots
+        (training targets, for the VAE side) and ``gen_sources``: per target the last ``<image>`` before its slot
+        (the edit's source; None for text-to-image), for a decoder with ``source_condition``.
 
         ``images`` fill the ``<image>`` and ``<image_gen>`` placeholders in reading order.
         """
@@ -403,6 +404,12 @@ class VARGPTProcessor:
         self._check_counts(order.count(IMAGE_PLACEHOLDER), len(images), order.count(IMAGE_GEN_PLACEHOLDER))
         understanding = [im for im, p in zip(images, order, strict=True) if p == IMAGE_PLACEHOLDER]
         gen_images = [im for im, p in zip(images, order, strict=True) if p == IMAGE_GEN_PLACEHOLDER]
+        gen_sources, last = [], None
+        for im, p in zip(images, order, strict=True):
+            if p == IMAGE_PLACEHOLDER:
+                last = im
+            else:
+                gen_sources.append(last)
         pixels = self.preprocess_images(understanding) if understanding else {}
         grids = iter(pixels.get("image_grid_thw", torch.empty(0, 3, dtype=torch.long)))
         ids: list[int] = []
@@ -419,6 +426,7 @@ class VARGPTProcessor:
         out: dict[str, Any] = self._finish(ids, pixels)
         out["labels"] = torch.tensor([labels], dtype=torch.long)
         out["gen_images"] = gen_images
+        out["gen_sources"] = gen_sources
         return out
 
     def pad(self, samples: Sequence[Mapping[str, Any]], *,

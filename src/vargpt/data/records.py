@@ -12,7 +12,10 @@ Contract
   [chosen, rejected]). A malformed record raises `InputError` naming file and line, before training.
 * `RecordDataset[(index, epoch)]` loads the images and runs `VARGPTProcessor.training_inputs`: understanding
   images go through the Qwen2-VL image processor, generated images (targets) become ``gen_pixel_values``
-  ``[n, 3, H, W]`` in [-1, 1] at the recipe's size; the model encodes them with its VAE. A record whose image is
+  ``[n, 3, H, W]`` in [-1, 1] at the recipe's size; the model encodes them with its VAE. With ``source_condition``
+  (a decoder conditioned on the edit's source) each target also gets its source (the last ``<image>`` before its
+  slot, the same transform and crop as the target) as ``gen_source_pixel_values`` ``[n, 3, H, W]`` and
+  ``gen_source_mask`` ``[n]`` (False, zero pixels: no source, e.g. text-to-image). A record whose image is
   missing or corrupt (or does not fit its placeholders) is skipped: a warning is logged once per record and the
   next record takes its place, so batches keep their size (DDP ranks stay in step); the skipped ids travel with
   the batch (``batch["skipped"]``) and the trainer counts and logs them.
@@ -21,7 +24,8 @@ Contract
   batches are filled per resolution bucket (one target size per batch), and global batch g goes to rank
   g mod world_size. Resuming at a batch index replays exactly the same batches.
 * `Collator` pads (right, ``<|endoftext|>``, labels -100) with `VARGPTProcessor.pad`; preference batches hold the
-  chosen samples first, then the rejected ones (``n_pairs`` = B), as the published collator does.
+  chosen samples first, then the rejected ones (``n_pairs`` = B), as the published collator does. The source keys,
+  when present, stay aligned with ``gen_pixel_values`` (one row per target).
 
 Differences from the published LLaMA-Factory pipeline: paths are relative to the records file (not a global
 ``media_dir``), a bad image skips one record instead of killing the run, the mixture is reproducible from the
@@ -208,7 +212,7 @@ class RecordDataset(Dataset):
 
     def __init__(self, records: Sequence[Record], processor: VARGPTProcessor, *, image_size: int, stride: int,
                  gen_transform: str = "resize", keep_aspect: bool = False, pad_multiple: int = 128,
-                 seed: int = 0, pairs: bool = False) -> None:
+                 seed: int = 0, pairs: bool = False, source_condition: bool = False) -> None:
         if not records:
             raise InputError("no training records (check data.sources and data.tasks)")
         self.records = list(records)
@@ -216,6 +220,7 @@ class RecordDataset(Dataset):
         self.image_size, self.stride = image_size, stride
         self.gen_transform, self.keep_aspect = gen_transform, keep_aspect
         self.pad_multiple, self.seed, self.pairs = pad_multiple, seed, pairs
+        self.source_condition = source_condition
         self._processors: dict[int, VARGPTProcessor] = {}
         self._warned: set[str] = set()
 
@@ -255,10 +260,19 @@ class RecordDataset(Dataset):
         if n_gen:
             proc = self._processor_for(size_hw)
         s = proc.training_inputs(messages, images)
-        gen = s.pop("gen_images")
+        gen, sources = s.pop("gen_images"), s.pop("gen_sources")
+        targets, source_px = [], []
+        for im, src in zip(gen, sources, strict=True):
+            crop = copy.deepcopy(rng)  # the source gets the target's crop; rng advances as without sources
+            targets.append(gen_image_tensor(im, size_hw, self.gen_transform, rng))
+            if self.source_condition:
+                source_px.append(gen_image_tensor(src, size_hw, self.gen_transform, crop) if src is not None
+                                 else torch.zeros_like(targets[-1]))
         if gen:
-            s["gen_pixel_values"] = torch.stack([gen_image_tensor(im, size_hw, self.gen_transform, rng)
-                                                 for im in gen])
+            s["gen_pixel_values"] = torch.stack(targets)
+        if gen and self.source_condition:
+            s["gen_source_pixel_values"] = torch.stack(source_px)
+            s["gen_source_mask"] = torch.tensor([src is not None for src in sources])
         return s
 
     def _build(self, rec: Record, epoch: int, index: int) -> dict[str, Any]:
@@ -397,9 +411,15 @@ class Collator:
 
     def _batch(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = self.processor.pad(samples, padding_side="right")
-        gens = [s["gen_pixel_values"] for s in samples if "gen_pixel_values" in s]
+        gens = [s for s in samples if "gen_pixel_values" in s]
         if gens:
-            out["gen_pixel_values"] = torch.cat(gens)
+            out["gen_pixel_values"] = torch.cat([s["gen_pixel_values"] for s in gens])
+        if any("gen_source_pixel_values" in s for s in gens):  # aligned with gen_pixel_values, one row per target
+            out["gen_source_pixel_values"] = torch.cat([s.get("gen_source_pixel_values",
+                                                              torch.zeros_like(s["gen_pixel_values"])) for s in gens])
+            out["gen_source_mask"] = torch.cat([s.get("gen_source_mask",
+                                                      torch.zeros(len(s["gen_pixel_values"]), dtype=torch.bool))
+                                                for s in gens])
         return out
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -125,14 +125,18 @@ def published_uncond_context(decoder: VisualDecoder, lengths_B: Tensor) -> tuple
 def generation_condition(decoder: VisualDecoder, sos: SosEmbedding, context_BNC: Tensor,
                          context_mask_BN: Tensor | None = None, *, guided: bool = True,
                          uncond_context_BNC: Tensor | None = None,
-                         uncond_context_mask_BN: Tensor | None = None) -> DecoderCondition:
+                         uncond_context_mask_BN: Tensor | None = None,
+                         source_BLC: Tensor | None = None) -> DecoderCondition:
     """The decoder condition of a generation batch: B conditional rows, then (``guided``) B unconditional ones.
 
     Conditional rows: start-of-image condition + the prompt context. Unconditional rows: the ``cfg_uncond``
     condition + ``uncond_context`` if given, else the published context (`published_uncond_context`).
+    ``source_BLC`` (editing with ``decoder.source_condition``, `VisualDecoder.source_tokens`): the source term of
+    each sample, given to its conditional AND its unconditional row (condition dropout keeps it in training too),
+    so guidance amplifies the instruction, not the copy.
     """
     B, N = context_BNC.shape[:2]
-    cond = decoder.condition(start_condition(decoder, sos, B), context_BNC, context_mask_BN)
+    cond = decoder.condition(start_condition(decoder, sos, B), context_BNC, context_mask_BN, source_BLC=source_BLC)
     if not guided:
         return cond
     if uncond_context_BNC is None:
@@ -140,7 +144,7 @@ def generation_condition(decoder: VisualDecoder, sos: SosEmbedding, context_BNC:
                    else torch.full((B,), N, device=context_BNC.device))
         uncond_context_BNC, uncond_context_mask_BN = published_uncond_context(decoder, lengths)
     uncond = decoder.condition(start_condition(decoder, sos, B, uncond=True), uncond_context_BNC,
-                               uncond_context_mask_BN)
+                               uncond_context_mask_BN, source_BLC=source_BLC)
     return DecoderCondition.cat(cond, uncond)
 
 
@@ -177,7 +181,7 @@ def teacher_forced_forward(decoder: VisualDecoder, projector_in: GenProjector, p
                            attention_mask_BS: Tensor | None = None,
                            cond_drop_generator: torch.Generator | None = None,
                            drop_path_generator: torch.Generator | None = None,
-                           cond_BD: Tensor | None = None) -> TeacherForcedOutput:
+                           cond_BD: Tensor | None = None, source_BLC: Tensor | None = None) -> TeacherForcedOutput:
     """The released training forward of a batch with images to generate (one image per sample that has
     ``<|image_gen_pad|>`` slots, in batch order; ``x_wo_prefix_BlD`` holds their teacher-forcing inputs):
 
@@ -189,7 +193,8 @@ def teacher_forced_forward(decoder: VisualDecoder, projector_in: GenProjector, p
        projected states of the tokens before ``<|image_gen_start|>`` -> bit logits.
 
     ``cond_BD``: a precomputed start condition per image (e.g. with the caller's own condition dropout);
-    default `start_condition` with the decoder's dropout (``cond_drop_generator``).
+    default `start_condition` with the decoder's dropout (``cond_drop_generator``). ``source_BLC``: the source term
+    per image (`VisualDecoder.source_tokens`), added to the decoder's block input.
     """
     has_image = (input_ids_BS == pad_id).any(1)
     n_img = int(has_image.sum())
@@ -209,7 +214,7 @@ def teacher_forced_forward(decoder: VisualDecoder, projector_in: GenProjector, p
     states = gather_gen_states(hidden, input_ids_BS, pad_id, n_img)[:, :L]
     mask = attention_mask_BS[has_image] if attention_mask_BS is not None else None
     context, context_mask = prompt_context(hidden[has_image], input_ids_BS[has_image], start_id, projector_out, mask)
-    cond = decoder.condition(cond_BD, context, context_mask)
+    cond = decoder.condition(cond_BD, context, context_mask, source_BLC=source_BLC)
     logits = decoder.forward_train(projector_out(states), cond, schedule, generator=drop_path_generator)
     return TeacherForcedOutput(hidden, logits)
 
@@ -268,7 +273,8 @@ def sample_from_prompt(decoder: VisualDecoder, projector_in: GenProjector, proje
                        generator: torch.Generator | Sequence[torch.Generator] | None = None,
                        uncond_mode: Literal["published", "cached"] = "published",
                        uncond_inputs_embeds_BSH: Tensor | None = None, uncond_context_BNC: Tensor | None = None,
-                       uncond_context_mask_BN: Tensor | None = None, return_logits: bool = False,
+                       uncond_context_mask_BN: Tensor | None = None, source_BLC: Tensor | None = None,
+                       return_logits: bool = False,
                        callback: Callable[[int, Tensor], None] | None = None) -> ImageTokens:
     """Image tokens for prompts that end with ``<|image_gen_start|>`` (left-padded), the LLM in the loop.
 
@@ -280,6 +286,9 @@ def sample_from_prompt(decoder: VisualDecoder, projector_in: GenProjector, proje
     3. `sample_image_tokens` with an `LLMScaleHook`: conditional rows continue the prompt cache (positions
        continue from each prompt's length, as published); unconditional rows per ``uncond_mode``
        (``"cached"``: a cache of their own, pre-filled with ``uncond_inputs_embeds_BSH`` if given).
+
+    ``source_BLC``: the source term of each prompt (editing, `VisualDecoder.source_tokens`), for both CFG rows;
+    the decoder adds its slice of scale k to that scale's block input (`VisualDecoder.forward_step`).
     """
     sampling = sampling or SamplingConfig()
     B = input_ids_BS.shape[0]
@@ -296,7 +305,8 @@ def sample_from_prompt(decoder: VisualDecoder, projector_in: GenProjector, proje
     context, context_mask = prompt_context(hidden, input_ids_BS, start_id, projector_out, mask)
     guided = any(c != 1 for c in per_scale(sampling.cfg, len(schedule), "cfg"))
     cond = generation_condition(decoder, sos, context, context_mask, guided=guided,
-                                uncond_context_BNC=uncond_context_BNC, uncond_context_mask_BN=uncond_context_mask_BN)
+                                uncond_context_BNC=uncond_context_BNC, uncond_context_mask_BN=uncond_context_mask_BN,
+                                source_BLC=source_BLC)
     uncond_cache = new_cache() if uncond_mode == "cached" else None  # stays empty when cfg is 1 at every scale
     if guided and uncond_cache is not None:
         if uncond_inputs_embeds_BSH is not None:

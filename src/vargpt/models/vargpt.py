@@ -31,7 +31,9 @@ Training batch protocol (what `vargpt.data.records.Collator` makes from `VARGPTP
 ``input_ids``, ``attention_mask``, ``labels`` [B, S] (prompt = -100; any padding side), optional
 ``pixel_values`` / ``image_grid_thw`` (understanding images, in reading order over the batch), optional
 ``gen_pixel_values`` [N, 3, H, W] in [-1, 1]: one target image per row that holds ``<|image_gen_pad|>`` slots
-(in row order; the slots per image = the schedule's token count padded to ``decoder.pad_to_multiplier``). Other
+(in row order; the slots per image = the schedule's token count padded to ``decoder.pad_to_multiplier``); with
+``decoder.source_condition``, optional ``gen_source_pixel_values`` [N, 3, H, W] (aligned with ``gen_pixel_values``:
+each target's edit source at the same size) and ``gen_source_mask`` [N] bool (False: no source). Other
 keys are ignored. The model encodes the targets with its VAE into bit labels and teacher-forcing inputs with
 bitwise self-correction (``config.self_correction``) drawn from an explicit generator (``generator=``, default:
 one seeded from torch's global RNG, so a seeded, resumed trainer replays the same noise).
@@ -69,6 +71,12 @@ Differences from the published implementation
   memory).
 * Condition dropout, DropPath and self-correction act in training mode only, from explicit generators.
 * Images are converted to uint8 by rounding (published: truncation) and returned, RGB.
+* Optional source conditioning for editing (``decoder.source_condition``, VAREdit-style; off in every preset and
+  absent from released checkpoints): the edit source's own multi-scale bits (the VAE encoding that gives the target's
+  bit labels, no self-correction) enter the decoder's block input through the zero-initialised
+  ``vargpt_gen.source_embed``, scale k's at the positions predicting scale k, in training (rows without a source and
+  t2i rows get nothing; condition-dropped rows keep it), in `image_logprobs` and in both CFG rows of sampling.
+  Loading weights without ``source_embed`` into such a config starts it at zero (exactly the model without it).
 """
 
 from __future__ import annotations
@@ -82,13 +90,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import LogitsProcessorList
 
 from vargpt.config import SamplingConfig, VARGPTConfig, from_released_hf_config
+from vargpt.data.records import gen_image_tensor
 from vargpt.errors import CheckpointError, ConfigError, InputError
 from vargpt.models import vlm as V
 from vargpt.models.generation import (
@@ -313,7 +324,8 @@ class VARGPT(nn.Module):
         whose ``tiny_config.json`` is read with `vargpt.config.official_fixture_config`). The model is built on
         the meta device and takes the loaded tensors (read in ``dtype``, on ``device``) without a second copy.
         ``device``: ``"auto"`` picks CUDA when present; default CPU (what trainers expect before they place the
-        model). ``dtype``: fp32 / bf16 / fp16 (or a torch dtype); default fp32 on CPU, bf16 on CUDA.
+        model). ``dtype``: fp32 / bf16 / fp16 (or a torch dtype); default fp32 on CPU, bf16 on CUDA. A config with
+        ``decoder.source_condition`` over weights without ``vargpt_gen.source_embed`` starts that term at zero.
         """
         path = Path(path)
         dev = resolve_device(device)
@@ -323,6 +335,11 @@ class VARGPT(nn.Module):
             config, _ = read_config(directory / CONFIG_FILE)
         weights_path = Path(weights) if weights is not None else path
         sd = load_state_dict_files(weights_path, device=dev, dtype=dt)
+        if config.decoder.source_condition and "vargpt_gen.source_embed.weight" not in sd:
+            # weights from before source conditioning was turned on: its term starts at zero (same model)
+            C, D = config.decoder.embed_dim, config.vae.codebook_dim
+            sd["vargpt_gen.source_embed.weight"] = torch.zeros(C, D, device=dev, dtype=dt)
+            sd["vargpt_gen.source_embed.bias"] = torch.zeros(C, device=dev, dtype=dt)
         tokenizer = None
         if (directory / "tokenizer.json").is_file():
             tokenizer = load_tokenizer(directory, config.tokens)
@@ -456,14 +473,53 @@ class VARGPT(nn.Module):
         schedule = schedule_for_size(gen_px.shape[-2], gen_px.shape[-1], cfg.vae.stride)
         tokens = self.vae_local.encode(gen_px, schedule, self_correction=cfg.self_correction if noisy else None,
                                        generator=generator)
+        source = self._batch_source(batch, gen_px, schedule)
         # published mode in training: the decoder drops the start condition itself (cond_drop_generator)
         cond_BD = None if (noisy and not consistent) else self._start_condition(drop_N)
         out = teacher_forced_forward(self.vargpt_gen, self.image_gen_projector, self.image_gen_projector_out,
                                      self.sos_embedding, llm, embeds, ids, tokens.x_wo_prefix_BLD.to(self.dtype),
                                      schedule, start_id=tok.image_gen_start, pad_id=tok.image_gen_pad,
                                      attention_mask_BS=mask, cond_drop_generator=generator,
-                                     drop_path_generator=generator, cond_BD=cond_BD)
+                                     drop_path_generator=generator, cond_BD=cond_BD, source_BLC=source)
         return out.hidden_BSH, batch, out.gen_logits_BLV, tokens.labels_BLD, schedule
+
+    # ---- source conditioning (editing; decoder.source_condition)
+
+    def source_term(self, pixels_N3HW: Tensor, schedule: Schedule, mask_N: Tensor | None = None) -> Tensor:
+        """The decoder's source term [N, L, C] of source images [N, 3, H, W] in [-1, 1] at the generation size:
+        their own multi-scale bits, encoded exactly like the targets' bit labels (clean, no self-correction), as
+        +-1 through ``vargpt_gen.source_embed``. ``mask_N``: False rows get zeros (their pixels are not encoded)."""
+        dec = self.vargpt_gen
+        n, L = pixels_N3HW.shape[0], sum(t * h * w for t, h, w in schedule)
+        mask = (torch.ones(n, dtype=torch.bool) if mask_N is None else mask_N.bool()).to(self.device)
+        codes = torch.zeros(n, L, self.config.vae.codebook_dim, device=self.device)
+        if bool(mask.any()):
+            px = pixels_N3HW.to(device=self.device)[mask]
+            codes[mask] = self.vae_local.encode(px, schedule).labels_BLD.float() * 2 - 1
+        return dec.source_tokens(codes, None if mask_N is None else mask)
+
+    def _batch_source(self, batch: dict[str, Any], gen_px: Tensor, schedule: Schedule) -> Tensor | None:
+        """Source term of a training batch's targets (``gen_source_*`` keys), or None (no source conditioning)."""
+        src = batch.get("gen_source_pixel_values")
+        if not self.config.decoder.source_condition or src is None:
+            return None
+        mask = batch.get("gen_source_mask")
+        if src.shape != gen_px.shape or (mask is not None and mask.shape != (gen_px.shape[0],)):
+            raise InputError(f"gen_source_pixel_values {tuple(src.shape)} / gen_source_mask "
+                             f"{None if mask is None else tuple(mask.shape)} do not match gen_pixel_values "
+                             f"{tuple(gen_px.shape)}: give one source row (and mask entry) per target, same size")
+        return self.source_term(src, schedule, mask)
+
+    def _source_pixels(self, images: Sequence[Any], schedule: Schedule) -> Tensor:
+        """Source images (PIL or HxWx3 uint8) -> [N, 3, H, W] in [-1, 1] at the schedule's output size (the
+        ``resize`` training transform)."""
+        size_hw = (schedule[-1][1] * self.config.vae.stride, schedule[-1][2] * self.config.vae.stride)
+        out = []
+        for im in images:
+            if not isinstance(im, Image.Image):
+                im = Image.fromarray(np.asarray(im.cpu() if isinstance(im, Tensor) else im, dtype=np.uint8))
+            out.append(gen_image_tensor(im.convert("RGB"), size_hw, "resize"))
+        return torch.stack(out)
 
     def _text_ce(self, hidden_BSH: Tensor, labels_BS: Tensor) -> Tensor:
         """Shifted next-token CE over labels != -100; lm_head only at the supervised positions. Mean over tokens,
@@ -569,8 +625,11 @@ class VARGPT(nn.Module):
         Give ``prompts`` (each rendered with the chat template; ``n`` images per prompt; ``source_images``: one
         image per prompt for editing, ``<image>`` in the prompt marks it) or ready ``input_ids`` (left-padded; the
         start token is appended when the rows do not end with it; with ``pixel_values`` / ``image_grid_thw`` for
-        editing). ``seed``: image i gets seed + i (or a list, one per image); ``generator``: explicit generator(s)
-        instead. ``size``: pixels, any size of `vargpt.scales` for the VAE stride (default ``config.image_size``).
+        editing; there ``source_images``, one per row before ``n``, only feed the decoder's source term). With
+        ``decoder.source_condition`` each source image, resized to the output size, also conditions the decoder
+        (its multi-scale bits, `source_term`) in the conditional and the unconditional row. ``seed``: image i gets
+        seed + i (or a list, one per image); ``generator``: explicit generator(s) instead. ``size``: pixels, any
+        size of `vargpt.scales` for the VAE stride (default ``config.image_size``).
         """
         start = self.config.tokens.image_gen_start
         sampling = sampling or self.config.sampling
@@ -600,13 +659,19 @@ class VARGPT(nn.Module):
         input_ids = input_ids.to(dev)
         attention_mask = attention_mask.to(dev) if attention_mask is not None else None
         B = input_ids.shape[0]
+        source = None
+        if self.config.decoder.source_condition and source_images is not None:
+            if len(source_images) * n != B:
+                raise InputError(f"{len(source_images)} source image(s) for {B // n} prompt(s); give one per prompt")
+            source = self.source_term(self._source_pixels(source_images, schedule), schedule)
+            source = source.repeat_interleave(n, 0)
         embeds = V.embed_inputs(self.vlm, input_ids, pixel_values.to(dev) if pixel_values is not None else None,
                                 image_grid_thw.to(dev) if image_grid_thw is not None else None)
         tokens: ImageTokens = sample_from_prompt(
             self.vargpt_gen, self.image_gen_projector, self.image_gen_projector_out, self.sos_embedding,
             self._llm(), functools.partial(V.new_cache, self.vlm), embeds, input_ids, schedule, sampling,
             start_id=start, attention_mask_BS=attention_mask, generator=self._seeded(B, seed, generator),
-            return_logits=return_logits, callback=callback, **self._uncond_inputs(B))
+            return_logits=return_logits, callback=callback, source_BLC=source, **self._uncond_inputs(B))
         images = self.vae_local.decode(tokens.summed_codes_BDHW.to(self.dtype)).float()
         return GeneratedImages(images, tokens.bits, schedule, tokens.logits)
 

@@ -13,7 +13,10 @@ position's residual code (2 logits per bit, ``head`` width 2D). Its inputs are
   states of the prompt), batched as ``[B, N, C]`` with a key mask;
 * the token sequence: the first token, then ``word_embed`` of the teacher-forcing / sampled codes of scales
   1..K-1 (`embed_inputs`). In VARGPT the sequence passes through the LLM before the blocks; the decoder
-  only sees what it is given, so `forward_train` / `forward_step` take the *block input* ``x``.
+  only sees what it is given, so `forward_train` / `forward_step` take the *block input* ``x``;
+* optionally (``DecoderConfig.source_condition``, editing; not in the released layout) a source term
+  ``DecoderCondition.source_BLC``: ``source_embed`` (zero-initialised) of the source image's own bits (+-1) of
+  scale k at the positions predicting scale k (`source_tokens`), added to the block input with the level embedding.
 
 Blocks: AdaLN -> self-attention (cosine attention with a learned per-head scale, 2-D RoPE, block-causal over
 scales) -> cross-attention (pre-LayerNorm with affine, no gate) -> AdaLN -> GELU(tanh) FFN; DropPath on the
@@ -43,6 +46,9 @@ Differences from the published implementation
 * ``text_proj_for_ca`` is kept only so released checkpoints load; it is never evaluated (the published
   VARGPT-v1.1 code evaluates it and throws the result away).
 * Gradient checkpointing per block (`DecoderConfig.gradient_checkpointing`) instead of per chunk.
+* Optional source conditioning for editing (VAREdit-style, arXiv 2508.15772; absent from the released model): the
+  source's scale-k bits tell the positions predicting scale k what is there to keep. ``source_embed`` starts at
+  zero, so a model that turns it on starts exactly equal to one without it.
 """
 
 from __future__ import annotations
@@ -148,13 +154,15 @@ class DecoderCondition:
 
     ``cond_BD``: AdaLN condition; ``gss_B16C``: the shared modulation ``shared_ada_lin(cond_BD)``;
     ``context_BNC``: cross-attention context (rows past a sample's length are padding); ``context_mask_BN``:
-    True at real context rows (None = all real).
+    True at real context rows (None = all real); ``source_BLC``: the source term added to the block input of every
+    position of the schedule (`VisualDecoder.source_tokens`; zero rows for samples without a source; None = none).
     """
 
     cond_BD: Tensor
     gss_B16C: Tensor
     context_BNC: Tensor
     context_mask_BN: Tensor | None = None
+    source_BLC: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -175,10 +183,16 @@ class DecoderCondition:
         c1, m1 = pad(first, n1)
         c2, m2 = pad(second, n2)
         mask = torch.cat([m1, m2])
+        source = None
+        if first.source_BLC is not None or second.source_BLC is not None:
+            like = first.source_BLC if first.source_BLC is not None else second.source_BLC
+            s1, s2 = (c.source_BLC if c.source_BLC is not None else like.new_zeros(c.batch_size, *like.shape[1:])
+                      for c in (first, second))
+            source = torch.cat([s1, s2])
         return DecoderCondition(cond_BD=torch.cat([first.cond_BD, second.cond_BD]),
                                 gss_B16C=torch.cat([first.gss_B16C, second.gss_B16C]),
                                 context_BNC=torch.cat([c1, c2]),
-                                context_mask_BN=None if bool(mask.all()) else mask)
+                                context_mask_BN=None if bool(mask.all()) else mask, source_BLC=source)
 
 
 class DecoderKVCache:
@@ -435,6 +449,11 @@ class VisualDecoder(nn.Module):
         self.block_chunks = nn.ModuleList(_Chunk(blocks[c * per:(c + 1) * per]) for c in range(cfg.block_chunks))
         self.head_nm = _HeadAdaLN(C, cfg.norm_eps)
         self.head = nn.Linear(C, 2 * codebook_dim)
+        if cfg.source_condition:
+            # zeros, built without drawing from the global RNG: the other weights of a seeded build stay the same
+            self.source_embed = nn.Linear(codebook_dim, C, device="meta").to_empty(device=self.head.weight.device)
+            nn.init.zeros_(self.source_embed.weight)
+            nn.init.zeros_(self.source_embed.bias)
         self._rope: dict[tuple, Tensor] = {}
 
     # ---- helpers
@@ -480,12 +499,24 @@ class VisualDecoder(nn.Module):
         """The unconditional "text": ``cfg_uncond[:length]`` for every sample, [B, length, Ct]."""
         return self.cfg_uncond[:length].unsqueeze(0).expand(batch_size, -1, -1)
 
-    def condition(self, cond_BD: Tensor, context_BNC: Tensor,
-                  context_mask_BN: Tensor | None = None) -> DecoderCondition:
-        """Bundle ``cond_BD`` (with its shared modulation, computed in fp32) and the cross-attention context."""
+    def condition(self, cond_BD: Tensor, context_BNC: Tensor, context_mask_BN: Tensor | None = None, *,
+                  source_BLC: Tensor | None = None) -> DecoderCondition:
+        """Bundle ``cond_BD`` (with its shared modulation, computed in fp32), the cross-attention context and the
+        optional source term (`source_tokens`)."""
         lin = self.shared_ada_lin[1]  # fp32 whatever the parameter dtype, as released
         gss = F.linear(F.silu(cond_BD.float()), lin.weight.float(), lin.bias.float())
-        return DecoderCondition(cond_BD, gss.reshape(-1, 1, 6, self.cfg.embed_dim), context_BNC, context_mask_BN)
+        return DecoderCondition(cond_BD, gss.reshape(-1, 1, 6, self.cfg.embed_dim), context_BNC, context_mask_BN,
+                                source_BLC)
+
+    def source_tokens(self, source_BLD: Tensor, mask_B: Tensor | None = None) -> Tensor:
+        """Source term [B, L, C] of the source images' codes ``source_BLD`` (+-1, in the order of the bit labels:
+        position block k = the source's scale-k bits, which line up with the positions predicting scale k);
+        ``mask_B``: False for samples without a source (their rows are zero)."""
+        if not self.cfg.source_condition:
+            raise InputError("this decoder has no source conditioning (config decoder.source_condition = false)")
+        w = self.source_embed.weight
+        x = self.source_embed(source_BLD.to(w.dtype))
+        return x if mask_B is None else x * mask_B.to(device=x.device, dtype=x.dtype).view(-1, 1, 1)
 
     def first_tokens(self, cond_BD: Tensor) -> Tensor:
         """The first token of every sequence: ``cond_BD + pos_start``, [B, 1, C]."""
@@ -517,6 +548,8 @@ class VisualDecoder(nn.Module):
             raise InputError(f"decoder input has {L} tokens but the scale schedule has "
                              f"{sum(t * h * w for t, h, w in used)}")
         x = x_BLC + self.lvl_embed(_scale_ids(used, x_BLC.device))
+        if cond.source_BLC is not None:
+            x = x + cond.source_BLC[:, :L].to(x.dtype)
         rope = self.rope(schedule, x.device, x.dtype)[:, :L]
         mask = block_causal_mask(used, x.device)
         for block in self.blocks:
@@ -549,6 +582,8 @@ class VisualDecoder(nn.Module):
             raise InputError(f"scale {scale_index} expects {t * h * w} tokens starting at {start}; got {l} tokens "
                              f"with {cache.length} cached (run the scales in order with one cache)")
         x = x_BlC + self.lvl_embed.weight[scale_index]
+        if cond.source_BLC is not None:
+            x = x + cond.source_BLC[:, start:start + l].to(x.dtype)
         rope = self.rope(schedule, x.device, x.dtype)[:, start:start + l]
         for i, block in enumerate(self.blocks):
             x = block(x, cond.gss_B16C, cond.context_BNC, cond.context_mask_BN, rope, cache=cache, layer=i,

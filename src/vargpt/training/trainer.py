@@ -169,7 +169,11 @@ def _new_model(recipe: Recipe) -> nn.Module:
     if init.checkpoint:
         model = VARGPT.from_pretrained(init.checkpoint)
         if init.config_overrides:
-            model.config = VARGPTConfig.from_dict(_merge(model.config.to_dict(), init.config_overrides))
+            cfg = VARGPTConfig.from_dict(_merge(model.config.to_dict(), init.config_overrides))
+            if cfg.decoder.source_condition != model.config.decoder.source_condition:
+                # a new module (decoder.source_embed, zero-initialised): rebuild the model around the weights
+                return VARGPT.from_pretrained(init.checkpoint, config=cfg)
+            model.config = cfg
         return model
     cfg = VARGPTConfig.from_dict(_merge(get_preset(init.preset).to_dict(), init.config_overrides))
     return VARGPT(cfg)
@@ -397,7 +401,8 @@ def train(recipe: Recipe, *, resume: bool = False, device: str = "auto") -> Trai
     records = [r for recs in sources for r in recs]
     dataset = RecordDataset(records, processor, image_size=recipe.data.image_size, stride=model.config.vae.stride,
                             gen_transform=recipe.data.gen_transform, keep_aspect=recipe.data.keep_aspect,
-                            pad_multiple=model.config.decoder.pad_to_multiplier, seed=recipe.seed, pairs=dpo)
+                            pad_multiple=model.config.decoder.pad_to_multiplier, seed=recipe.seed, pairs=dpo,
+                            source_condition=model.config.decoder.source_condition)
     keys = [dataset.bucket_key(i) for i in range(len(records))] if recipe.data.keep_aspect else [0] * len(records)
     sampler = MixtureBatchSampler([len(s) for s in sources], [s.weight for s in recipe.data.sources], keys,
                                   batch_size=recipe.batch_size, seed=recipe.seed, shuffle=recipe.data.shuffle,

@@ -1,0 +1,337 @@
+"""Optional source conditioning of the visual decoder for editing (``decoder.source_condition``, VAREdit-style):
+off by default and in the released layout; zero-initialised (a model that turns it on starts equal to one without
+it); the source's scale-k bits sit at the positions predicting scale k; training batches carry the source of edit
+rows only; both CFG rows of sampling get it; checkpoints keep it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from contextlib import contextmanager
+from unittest import mock
+
+import pytest
+import torch
+
+from vargpt.config import DecoderConfig, SamplingConfig, VARGPTConfig, official_config, tiny_config
+from vargpt.data.records import Collator, RecordDataset, gen_image_tensor, read_records
+from vargpt.data.shapesworld import make_record
+from vargpt.errors import InputError
+from vargpt.models.vargpt import VARGPT
+from vargpt.models.visual_decoder import DecoderCondition, VisualDecoder
+from vargpt.processing import DEFAULT_SYSTEM_PROMPT, ByteTokenizer, VARGPTProcessor
+from vargpt.sampling.image import sample_image_tokens
+from vargpt.scales import schedule_for_grid
+from vargpt.training.recipe import recipe_from_dict
+from vargpt.training.trainer import build_model
+
+CFG = tiny_config()
+ON = dataclasses.replace(CFG, decoder=dataclasses.replace(CFG.decoder, source_condition=True))
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[VARGPT, VARGPT]:
+    """The same seeded tiny model without and with source conditioning."""
+    torch.manual_seed(0)
+    off = VARGPT(CFG)
+    torch.manual_seed(0)
+    on = VARGPT(ON)
+    return off, on
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """One ShapesWorld edit record, then one text-to-image record (records.jsonl + images)."""
+    root = tmp_path_factory.mktemp("sw")
+    (root / "images").mkdir()
+    rows = []
+    for i, task in ((0, "edit"), (1, "t2i")):
+        rec, images = make_record(i, split="train", tasks=(task,), size=SIZE)
+        for rel, img in images.items():
+            img.save(root / rel)
+        rows.append(rec)
+    (root / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs = read_records(root / "records.jsonl", "shapesworld")
+    assert [r.task for r in recs] == ["edit", "t2i"]
+    return recs
+
+
+def _dataset(model: VARGPT, recs, source_condition: bool = True) -> RecordDataset:
+    return RecordDataset(recs, model.require_processor(), image_size=SIZE, stride=model.config.vae.stride,
+                         pad_multiple=model.config.decoder.pad_to_multiplier, source_condition=source_condition)
+
+
+def _edit(recs) -> tuple:
+    from vargpt.imageio import load_image
+
+    rec = recs[0]
+    instruction = rec.messages[0]["content"].removeprefix("<image>\n")
+    return load_image(rec.images[0]), load_image(rec.images[1]), instruction
+
+
+def test_source_gets_the_target_crop(records, tmp_path):
+    """``gen_transform: released`` crops at random: the source is cropped like its target (same offsets)."""
+    rec = records[0]
+    row = {"id": "same", "messages": rec.messages, "images": [str(rec.images[0])] * 2}
+    (tmp_path / "r.jsonl").write_text(json.dumps(row) + "\n")
+    ds = RecordDataset(read_records(tmp_path / "r.jsonl"), VARGPTProcessor(ByteTokenizer(CFG.tokens), CFG),
+                       image_size=SIZE, stride=CFG.vae.stride, gen_transform="released", source_condition=True)
+    crops = set()
+    for epoch in range(4):
+        s = ds[(0, epoch)]["sample"]
+        assert torch.equal(s["gen_source_pixel_values"], s["gen_pixel_values"])
+        assert s["gen_source_mask"].tolist() == [True]
+        crops.add(s["gen_pixel_values"].sum().item())
+    assert len(crops) > 1  # the crop did move between epochs
+
+
+def _schedule(model: VARGPT):
+    return model.schedule_for(SIZE)
+
+
+@contextmanager
+def _embed(model: VARGPT, seed: int = 0, std: float = 0.5):
+    """``source_embed`` set to random weights for the block; zero again afterwards."""
+    emb = model.vargpt_gen.source_embed
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(emb.weight.shape, generator=g) * std)
+        emb.bias.copy_(torch.randn(emb.bias.shape, generator=g) * std)
+    try:
+        yield emb
+    finally:
+        with torch.no_grad():
+            emb.weight.zero_()
+            emb.bias.zero_()
+
+
+@contextmanager
+def _capture(decoder: VisualDecoder, method: str):
+    """Record the `DecoderCondition` each call of ``decoder.<method>`` gets."""
+    seen: list[DecoderCondition] = []
+    orig = getattr(decoder, method)
+
+    def spy(x, cond, *args, **kwargs):
+        seen.append(cond)
+        return orig(x, cond, *args, **kwargs)
+
+    with mock.patch.object(decoder, method, side_effect=spy):
+        yield seen
+
+
+# ----------------------------------------------------------------------------------------------- off by default
+
+
+def test_off_by_default_and_absent_from_the_released_layout(models):
+    off, on = models
+    assert not DecoderConfig().source_condition
+    assert not CFG.decoder.source_condition and not official_config().decoder.source_condition
+    with torch.device("meta"):
+        official = VisualDecoder(official_config().decoder, official_config().vae.codebook_dim)
+    assert not any("source_embed" in k for k in official.state_dict())
+    assert not any("source_embed" in k for k in off.state_dict())
+    assert {k for k in on.state_dict() if "source_embed" in k} == {"vargpt_gen.source_embed.weight",
+                                                                   "vargpt_gen.source_embed.bias"}
+    # config round trip; configs written before the field existed read as off
+    assert VARGPTConfig.from_dict(json.loads(json.dumps(ON.to_dict()))).decoder.source_condition
+    old = CFG.to_dict()
+    del old["decoder"]["source_condition"]
+    assert VARGPTConfig.from_dict(old) == CFG
+    with pytest.raises(InputError, match="source_condition"):
+        off.vargpt_gen.source_tokens(torch.zeros(1, 5, CFG.vae.codebook_dim))
+
+
+# ----------------------------------------------------------------------------------------------- zero init
+
+
+def test_zero_init_equals_the_model_without_it(models, records):
+    off, on = models
+    sd_off, sd_on = off.state_dict(), on.state_dict()
+    assert all(torch.equal(sd_off[k], sd_on[k]) for k in sd_off)  # the same seeded build otherwise
+    assert not on.vargpt_gen.source_embed.weight.any() and not on.vargpt_gen.source_embed.bias.any()
+    src, _, instruction = _edit(records)
+    a = off.edit_images([src], [instruction], size=SIZE, seed=0)
+    b = on.edit_images([src], [instruction], size=SIZE, seed=0)
+    assert torch.equal(a.images, b.images)
+    assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits, strict=True))
+    batch = Collator(on.require_processor())([_dataset(on, records)[i] for i in (0, 1)])
+    losses = []
+    for model in (off, on):
+        model.train()
+        try:
+            with torch.no_grad():
+                losses.append(model.training_losses(batch, generator=torch.Generator().manual_seed(3)))
+        finally:
+            model.eval()
+    assert all(losses[0][k].item() == losses[1][k].item() for k in ("loss", "text_loss", "bit_loss"))
+    assert torch.equal(off.image_logprobs(batch), on.image_logprobs(batch))
+
+
+# ----------------------------------------------------------------------------------------------- behaviour
+
+
+@torch.no_grad()
+def test_source_reaches_the_output_through_the_decoder_only(models, records):
+    off, on = models
+    src, tgt, instruction = _edit(records)
+    prompt = on._prompt_batch([f"<image>\n{instruction}"], [src], 1, DEFAULT_SYSTEM_PROMPT)
+    ids = {k: prompt[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+
+    def run(source, model=on):  # same prompt (vision tower sees src); the decoder's source varies
+        return model.generate_images(**ids, source_images=[source], size=SIZE, seed=0)
+
+    same_zero = run(tgt)
+    assert all(torch.equal(x, y) for x, y in zip(run(src).bits, same_zero.bits, strict=True))
+    with _embed(on):
+        with _capture(on.vargpt_gen, "forward_step") as conds:
+            from_src = run(src)
+        from_tgt = run(tgt)
+        assert any(not torch.equal(x, y) for x, y in zip(from_src.bits, from_tgt.bits, strict=True))
+        assert any(not torch.equal(x, y) for x, y in zip(from_src.bits, same_zero.bits, strict=True))
+        # both CFG rows (cond, then uncond) carry the same non-zero source term
+        s = conds[0].source_BLC
+        assert s.shape[0] == 2 and s[0].abs().sum() > 0 and torch.equal(s[0], s[1])
+        assert torch.equal(on.edit_images([src], [instruction], size=SIZE, seed=0).images, from_src.images)
+        # text-to-image has no source: unchanged
+        t2i_on = on.generate_images(["a red circle", "two blue squares"], size=SIZE, seed=5)
+    t2i_off = off.generate_images(["a red circle", "two blue squares"], size=SIZE, seed=5)
+    assert torch.equal(t2i_on.images, t2i_off.images)
+    with pytest.raises(InputError, match="source image"):
+        on.generate_images(**ids, source_images=[src, tgt], size=SIZE, seed=0)
+
+
+def test_training_batch_carries_edit_sources_and_trains_source_embed(models, records):
+    off, on = models
+    ds = _dataset(on, records)
+    batch = Collator(on.require_processor())([ds[0], ds[1]])  # an edit row, then a t2i row
+    src, _, _ = _edit(records)
+    assert batch["tasks"] == ["edit", "t2i"]
+    assert batch["gen_source_mask"].tolist() == [True, False]
+    assert batch["gen_source_pixel_values"].shape == batch["gen_pixel_values"].shape == (2, 3, SIZE, SIZE)
+    assert torch.equal(batch["gen_source_pixel_values"][0], gen_image_tensor(src, (SIZE, SIZE), "resize"))
+    assert not batch["gen_source_pixel_values"][1].any()
+    no_source = Collator(on.require_processor())([_dataset(on, records, False)[i] for i in (0, 1)])
+    assert not any(k.startswith("gen_source") for k in no_source)  # built only for source-conditioned models
+    assert torch.equal(no_source["gen_pixel_values"], batch["gen_pixel_values"])
+
+    on.train()
+    try:
+        out = on.training_losses(batch, generator=torch.Generator().manual_seed(1))
+        out["loss"].backward()
+        emb = on.vargpt_gen.source_embed
+        assert emb.weight.grad is not None and emb.weight.grad.abs().sum() > 0 and emb.bias.grad.abs().sum() > 0
+        # condition dropout replaces the prompt, not the source: the dropped row keeps its term, the t2i row has none
+        dropped = []
+        drop = on._drop_prompts
+
+        def spy(b, drop_B):
+            dropped.append(drop_B.tolist())
+            return drop(b, drop_B)
+
+        with _embed(on), torch.no_grad(), _capture(on.vargpt_gen, "forward_train") as conds, \
+                mock.patch.object(on.config.decoder, "cond_drop_rate", 0.99), \
+                mock.patch.object(on, "_drop_prompts", side_effect=spy):
+            on.training_losses(batch, generator=torch.Generator().manual_seed(1))
+            want = on.source_term(batch["gen_source_pixel_values"], _schedule(on), batch["gen_source_mask"])
+        assert dropped and dropped[0][0]  # the edit row's prompt was replaced by the null prompt
+        got = conds[0].source_BLC
+        assert got[0].abs().sum() > 0 and not got[1].any()
+        torch.testing.assert_close(got, want)
+    finally:
+        on.zero_grad(set_to_none=True)
+        on.eval()
+
+
+@torch.no_grad()
+def test_source_codes_sit_at_the_positions_predicting_their_scale(models, records):
+    """source == target: the term at block k is source_embed of the target's scale-k bit labels (what block k is
+    trained to predict)."""
+    _, on = models
+    batch = Collator(on.require_processor())([_dataset(on, records)[0]])
+    batch["gen_source_pixel_values"] = batch["gen_pixel_values"].clone()
+    schedule = _schedule(on)
+    with _embed(on) as emb, _capture(on.vargpt_gen, "forward_train") as conds:
+        _, _, logits, labels, sched = on._teacher_forced(batch, noisy=False, generator=None)
+        term = conds[0].source_BLC
+        assert tuple(sched) == tuple(schedule) and term.shape[:2] == labels.shape[:2] == logits.shape[:2]
+        bits = on.vae_local.encode(batch["gen_pixel_values"], schedule).bits
+        start = 0
+        for k, (_, h, w) in enumerate(schedule):
+            block = slice(start, start + h * w)
+            assert torch.equal(labels[:, block], bits[k].flatten(1, 2))  # block k predicts scale k
+            torch.testing.assert_close(term[:, block], emb(bits[k].flatten(1, 2).float() * 2 - 1))
+            start += h * w
+        assert start == term.shape[1]
+
+
+# ----------------------------------------------------------------------------------------------- decoder level
+
+
+def _decoder() -> VisualDecoder:
+    torch.manual_seed(0)
+    cfg = DecoderConfig(depth=2, embed_dim=64, num_heads=2, block_chunks=1, text_channels=64, text_maxlen=32,
+                        drop_path_rate=0.0, source_condition=True)
+    dec = VisualDecoder(cfg, codebook_dim=8).eval()
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return dec
+
+
+@torch.no_grad()
+def test_decoder_adds_the_source_term_to_the_block_input_of_each_scale():
+    dec = _decoder()
+    sched = schedule_for_grid(8, 8)
+    L = sum(t * h * w for t, h, w in sched)
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 2, (2, L, 8), generator=g).float() * 2 - 1
+    term = dec.source_tokens(codes, torch.tensor([True, False]))
+    assert term[0].abs().sum() > 0 and not term[1].any()
+    ctx = torch.randn(2, 3, 64, generator=g)
+    plain = dec.condition(dec.encode_condition(torch.randn(2, 1, 64, generator=g)), ctx)
+    with_src = dataclasses.replace(plain, source_BLC=term)
+    x = torch.randn(2, L, 64, generator=g)
+    full = dec.forward_train(x, with_src, sched)
+    torch.testing.assert_close(full, dec.forward_train(x + term, plain, sched))
+    cache, start = dec.new_cache(2, sched), 0
+    for k, (_, h, w) in enumerate(sched):  # the KV-cached step adds exactly its scale's slice
+        step = dec.forward_step(x[:, start:start + h * w], with_src, sched, k, cache)
+        torch.testing.assert_close(step, full[:, start:start + h * w], atol=1e-5, rtol=1e-5)
+        start += h * w
+    # CFG batches: a condition without a source gets zero rows when concatenated with one that has it
+    both = DecoderCondition.cat(with_src, plain)
+    assert torch.equal(both.source_BLC[:2], term) and not both.source_BLC[2:].any()
+    sampling = SamplingConfig(cfg=2.0, tau=1.0, top_k=0, top_p=0.0)
+    runs = [sample_image_tokens(dec, DecoderCondition.cat(with_src, with_src), sched, sampling, use_cache=c,
+                                return_logits=True, generator=torch.Generator().manual_seed(3)) for c in (True, False)]
+    for a, b in zip(runs[0].logits, runs[1].logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_keep_the_flag_and_weights_and_old_weights_start_at_zero(models, tmp_path):
+    off, on = models
+    with _embed(on, seed=4) as emb:
+        on.save_pretrained(tmp_path / "on")
+        back = VARGPT.from_pretrained(tmp_path / "on")
+        assert back.config.decoder.source_condition
+        assert json.loads((tmp_path / "on" / "config.json").read_text())["decoder"]["source_condition"] is True
+        assert torch.equal(back.vargpt_gen.source_embed.weight, emb.weight)
+        assert torch.equal(back.vargpt_gen.source_embed.bias, emb.bias)
+    # weights saved without the term, loaded into a config with it: zero term, the rest unchanged
+    off.save_pretrained(tmp_path / "off")
+    grown = VARGPT.from_pretrained(tmp_path / "off", config=ON)
+    assert not grown.vargpt_gen.source_embed.weight.any() and not grown.vargpt_gen.source_embed.bias.any()
+    assert torch.equal(grown.vargpt_gen.head.weight, off.vargpt_gen.head.weight)
+    # a recipe turns it on over a checkpoint with model.config_overrides
+    recipe = recipe_from_dict({
+        "name": "edit_src", "stage": "edit", "out_dir": str(tmp_path / "runs"),
+        "model": {"checkpoint": str(tmp_path / "off"), "preset": None,
+                  "config_overrides": {"decoder": {"source_condition": True}}},
+        "data": {"sources": [{"path": str(tmp_path / "data"), "format": "shapesworld"}], "image_size": SIZE}})
+    model = build_model(recipe)
+    assert model.config.decoder.source_condition and model.vargpt_gen.cfg.source_condition
+    assert not model.vargpt_gen.source_embed.weight.any()
