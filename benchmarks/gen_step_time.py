@@ -25,6 +25,7 @@ from vargpt.data.shapesworld import write_dataset
 from vargpt.models.vargpt import VARGPT
 from vargpt.processing import ByteTokenizer, VARGPTProcessor
 from vargpt.scales import num_tokens, padded_tokens, schedule_for_size
+from vargpt.training.objective import training_losses
 
 
 def main() -> None:
@@ -59,7 +60,7 @@ def main() -> None:
             times = []
             for _ in range(args.steps):
                 t = time.perf_counter()
-                model.training_losses(batch)["loss"].backward()
+                training_losses(model, batch)["loss"].backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 times.append(time.perf_counter() - t)

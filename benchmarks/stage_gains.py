@@ -3,13 +3,13 @@
 For the runs of `scripts/build_embedded_default.sh` under ROOT:
 * loss: mean of the first and of the last ``--window`` logged losses of every stage (does each stage's loss fall?);
   DPO also reports its reward accuracy and margin at the start and at the end;
-* DPO: GenEval-style text-to-image score before (tiny_3b_128px) and after (tiny_dpo), one score per sampling seed,
+* DPO: GenEval-style text-to-image score before (gen) and after (dpo), one score per sampling seed,
   with mean and spread;
-* editing SFT: edit success before (tiny_dpo) and after (tiny_edit), per seed;
+* editing SFT: edit success before (dpo) and after (edit), per seed;
 * understanding: VQA accuracy of the final model.
-All at ``--size`` (default 128, the resolution DPO and editing train at).
+All at ``--size`` (default 64, the resolution every stage trains at), on the test split.
 
-    python benchmarks/stage_gains.py --root runs --n 64 --seeds 0 1 2 --json benchmarks/stage_gains.json
+    python benchmarks/stage_gains.py --root runs/tiny --n 64 --seeds 0 1 2 --json benchmarks/stage_gains.json
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
+from vargpt.engine import Engine
 from vargpt.eval import tasks
 from vargpt.models.vargpt import VARGPT
 from vargpt.pipeline import VARGPTPipeline
 
-STAGES = ("tiny_understanding", "tiny_3a_64px", "tiny_3b_128px", "tiny_dpo", "tiny_edit")
+STAGES = ("understanding", "gen", "dpo", "edit")
 
 
 def loss_trend(run: Path, window: int) -> dict:
@@ -46,10 +47,10 @@ def loss_trend(run: Path, window: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", type=Path, default=Path("runs"))
+    ap.add_argument("--root", type=Path, default=Path("runs/tiny"))
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--window", type=int, default=5, help="logged rows averaged at each end of a loss curve")
     ap.add_argument("--json", type=Path, default=Path("stage_gains.json"))
@@ -60,20 +61,21 @@ def main() -> None:
                     "loss": {s: loss_trend(args.root / s, args.window) for s in STAGES}}
 
     def t2i(stage: str) -> dict:
-        rep = tasks.evaluate_t2i(VARGPT.from_pretrained(model_dir[stage]), tasks.t2i_cases(args.n),
+        rep = tasks.evaluate_t2i(Engine(VARGPT.from_pretrained(model_dir[stage])), tasks.t2i_cases(args.n),
                                  seeds=args.seeds, size=args.size, batch=args.batch)
         rep.pop("images")
         return rep
 
     def edit(stage: str) -> dict:
-        rep = tasks.evaluate_edit(VARGPT.from_pretrained(model_dir[stage]), tasks.edit_cases(args.n, size=args.size),
+        rep = tasks.evaluate_edit(Engine(VARGPT.from_pretrained(model_dir[stage])),
+                                  tasks.edit_cases(args.n, size=args.size),
                                   seeds=args.seeds, size=args.size, batch=args.batch)
         rep.pop("images")
         return rep
 
-    report["dpo"] = {"before": t2i("tiny_3b_128px"), "after": t2i("tiny_dpo")}
-    report["edit_sft"] = {"before": edit("tiny_dpo"), "after": edit("tiny_edit")}
-    report["vqa_final"] = tasks.evaluate_vqa(VARGPTPipeline.from_pretrained(model_dir["tiny_edit"], progress=False),
+    report["dpo"] = {"before": t2i("gen"), "after": t2i("dpo")}
+    report["edit_sft"] = {"before": edit("dpo"), "after": edit("edit")}
+    report["vqa_final"] = tasks.evaluate_vqa(VARGPTPipeline.from_pretrained(model_dir["edit"], progress=False),
                                              tasks.vqa_cases(args.n, size=args.size))
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     def fmt(score: dict) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from vargpt.config import SamplingConfig
+from vargpt.engine import Engine
 from vargpt.eval.tasks import evaluate_t2i, t2i_cases
 from vargpt.models.vargpt import VARGPT
 
@@ -24,12 +25,13 @@ from vargpt.models.vargpt import VARGPT
 def run(model_dir: Path, n: int, size: int | None, cfg: float | None, batch: int, seeds: list[int]) -> dict:
     model = VARGPT.from_pretrained(model_dir)
     base = model.config.sampling
-    sampling = SamplingConfig(cfg=base.cfg if cfg is None else cfg, tau=base.tau, top_k=base.top_k, top_p=base.top_p)
+    sampling = SamplingConfig(cfg_scale=base.cfg_scale if cfg is None else cfg, tau=base.tau, top_k=base.top_k,
+                              top_p=base.top_p)
     cases = t2i_cases(n)
     report: dict = {"model": str(model_dir), "branches": {}}
     for name, published in (("published", True), ("consistent", False)):
         model.config.compat.published_uncond_branch = published
-        rep = evaluate_t2i(model, cases, seeds=seeds, size=size, sampling=sampling, batch=batch)
+        rep = evaluate_t2i(Engine(model), cases, seeds=seeds, size=size, sampling=sampling, batch=batch)
         rep.pop("images")
         report["branches"][name] = rep
     return report

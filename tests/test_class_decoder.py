@@ -1,12 +1,18 @@
 """Class-conditional decoder: learns labels' bits, samples with CFG, the CPU training entry point runs."""
 
+import sys
+from pathlib import Path
+
 import torch
 
-from vargpt.config import DecoderConfig, SamplingConfig
-from vargpt.models.class_decoder import ClassConditionalDecoder
-from vargpt.models.quantizer import multiscale_bits
-from vargpt.scales import schedule_for_grid
-from vargpt.training.class_decoder import ClassDecoderTrainConfig, make_class_images, train_class_decoder
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: examples/ is not installed
+
+from examples.class_decoder.model import ClassConditionalDecoder  # noqa: E402
+from examples.class_decoder.train import ClassDecoderTrainConfig, make_class_images, train_class_decoder  # noqa: E402
+
+from vargpt.config import DecoderConfig, SamplingConfig  # noqa: E402
+from vargpt.models.quantizer import multiscale_bits  # noqa: E402
+from vargpt.scales import schedule_for_grid  # noqa: E402
 
 SCHED = schedule_for_grid(4, 4)  # 3 scales, 21 tokens
 
@@ -30,7 +36,7 @@ def test_learns_class_bits_and_samples():
         opt.step()
     assert res.loss.item() < 0.5 * first and res.bit_accuracy > 0.85
     model.eval()
-    out = model.sample(labels, SCHED, SamplingConfig(cfg=2.0, tau=0.2, top_k=0, top_p=0.97),
+    out = model.sample(labels, SCHED, SamplingConfig(cfg_scale=2.0, tau=0.2, top_k=0, top_p=0.97),
                        generator=[torch.Generator().manual_seed(i) for i in range(3)])
     assert [tuple(b.shape) for b in out.bits] == [(3, 1, 1, 8), (3, 2, 2, 8), (3, 4, 4, 8)]
     agree = torch.tensor([[(out.bits[-1][i] == tokens.bits[-1][j].long()).float().mean().item() for j in range(3)]
@@ -53,10 +59,10 @@ def test_class_images_and_training_entry_point(tmp_path):
 def test_checkpoints_and_resume_reach_the_uninterrupted_weights(tmp_path):
     import shutil
 
+    from examples.class_decoder.train import main
     from safetensors.torch import load_file
 
     from vargpt.training.checkpoint import list_checkpoints
-    from vargpt.training.class_decoder import main
 
     args = ["--steps", "6", "--batch-size", "2", "--pool", "5", "--classes", "shape", "--warmup", "1",
             "--log-every", "1", "--ckpt-every", "2", "--keep-last", "5", "--self-correction", "0.3",

@@ -82,8 +82,8 @@ def test_non_square_sizes_width_x_height_or_aspect(tiny_model_dir, tmp_path, cap
     code, _, err = run_cli(capsys, "generate", "a circle", "--size", "100x60", "--out", str(tmp_path / "x.png"), *m)
     assert code == 2 and "nearest supported sizes: 112x64" in err and not (tmp_path / "x.png").exists()
     # the tokens drawn follow the 2:1 schedule: its grids, its token count
-    model = VARGPTPipeline.from_pretrained(tiny_model_dir, device="cpu", dtype="fp32", progress=False).model
-    out = model.generate_images("a red circle", size=resolve_size("64", 8, "2:1"), seed=0)
+    engine = VARGPTPipeline.from_pretrained(tiny_model_dir, device="cpu", dtype="fp32", progress=False).engine
+    out = engine.generate_images("a red circle", size=resolve_size("64", 8, "2:1"), seed=0)
     assert out.images.shape == (1, 3, 40, 80) and out.schedule[-1] == (1, 5, 10)
     assert sum(b.shape[1] * b.shape[2] for b in out.bits) == num_tokens(out.schedule)
     assert [tuple(b.shape[1:3]) for b in out.bits] == [(h, w) for _, h, w in out.schedule]

@@ -144,3 +144,60 @@ def test_keep_aspect_targets_use_the_nearest_template(released):
     s = ds[0]["sample"]
     assert s["gen_pixel_values"].shape == (1, 3, 64, 80)
     assert (s["input_ids"] == CFG.tokens.image_gen_pad).sum() == 128  # 114 tokens padded to 128
+
+
+def _write(path, *rows):
+    path.write_bytes(b"\n".join(r if isinstance(r, bytes) else json.dumps(r).encode() for r in rows) + b"\n")
+    return path
+
+
+def _t2i(image):
+    return {"messages": [{"role": "user", "content": "Draw."}, {"role": "assistant", "content": "<image_gen>"}],
+            "images": [image]}
+
+
+@pytest.mark.parametrize("bad", ["../outside.png", "images/../../outside.png", "/etc/passwd"])
+def test_image_paths_that_leave_the_data_root_name_file_and_line(tmp_path, bad):
+    root = tmp_path / "data"
+    root.mkdir()
+    _write(root / "records.jsonl", _t2i("images/a.png"), _t2i(bad))
+    with pytest.raises(InputError, match=rf"records.jsonl:2: image path '{bad}' leaves the data root"):
+        read_records(root)
+
+
+def test_paths_inside_the_root_are_fine_however_written(tmp_path):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    _write(root / "records.jsonl", _t2i("images/../images/a.png"), _t2i(str(root / "images" / "b.png")))
+    assert [r.images[0].name for r in read_records(root)] == ["a.png", "b.png"]
+    _write(root / "records.jsonl", _t2i("../shared/c.png"))  # a wider data root, named on purpose
+    assert read_records(root, root=tmp_path)[0].images[0] == root / "../shared/c.png"
+
+
+def test_a_symlink_out_of_the_data_root_is_skipped_and_counted(tmp_path, caplog):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "secret.png")
+    Image.new("RGB", (64, 64), "blue").save(root / "images" / "ok.png")
+    (root / "images" / "link.png").symlink_to(tmp_path / "secret.png")
+    _write(root / "records.jsonl", {**_t2i("images/link.png"), "id": "evil"}, {**_t2i("images/ok.png"), "id": "ok"})
+    ds = _dataset(read_records(root))
+    item = ds[0]
+    assert item["id"] == "ok" and item["skipped"] == ["evil"]
+    assert "symlink out of the data root" in caplog.text
+
+
+def test_non_utf8_and_malformed_json_name_file_and_line(tmp_path):
+    good = json.dumps(_t2i("a.png")).encode()
+    path = _write(tmp_path / "r.jsonl", good, good, b'{"messages": "caf\xe9"}')
+    with pytest.raises(InputError, match=r"r.jsonl:3: not UTF-8 text \(byte 0xe9 at column 18\)"):
+        read_records(path)
+    _write(path, b"\xef\xbb\xbf" + good, good)  # a byte-order mark is fine
+    assert len(read_records(path)) == 2
+    _write(path, good, b'{"messages": [}')
+    with pytest.raises(InputError, match=r"r.jsonl:2: not valid JSON"):
+        read_records(path)
+    listing = tmp_path / "r.json"
+    listing.write_text("[\n" + good.decode() + ",\n{oops}\n]")
+    with pytest.raises(InputError, match=r"r.json:3: not valid JSON"):
+        read_records(listing)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from vargpt.config import SamplingConfig
+from vargpt.engine.bits import as_bit_logits, cfg_mix, sample_bits, top_k_top_p_filter
+from vargpt.engine.loop import per_scale
 from vargpt.errors import InputError
-from vargpt.sampling.bits import as_bit_logits, cfg_mix, sample_bits, top_k_top_p_filter
-from vargpt.sampling.image import per_scale
 
 
 def test_cfg_mix_formula():
@@ -70,4 +70,4 @@ def test_bit_logit_layout_and_per_scale_settings():
     assert per_scale([1, 2, 3, 4], 3, "cfg") == [1.0, 2.0, 3.0]
     with pytest.raises(InputError):
         per_scale([1.0], 3, "tau")
-    SamplingConfig(cfg=[1.0, 3.0], tau=[0.5, 1.0]).validate()
+    SamplingConfig(cfg_scale=[1.0, 3.0], tau=[0.5, 1.0]).validate()

@@ -184,6 +184,24 @@ def test_non_image_data_urls(url):
     assert_alive(url)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_data_url_images_go_through_the_image_loader():
+    """Without a server: what /v1/chat/completions and /v1/images/edits make of uploaded image bytes."""
+    from bad_files import BROKEN, CONVERTIBLE, png_by_hand
+    from vargpt.server import MAX_IMAGE_PIXELS, APIError, decode_data_url
+
+    for kind, (raw, pixel) in CONVERTIBLE.items():
+        img = decode_data_url(data_url(raw))
+        assert img.mode == "RGB" and np.abs(np.subtract(img.getpixel((0, 0)), pixel)).max() <= 2, kind
+    for kind, (raw, word) in BROKEN.items():
+        with pytest.raises(APIError) as e:
+            decode_data_url(data_url(raw))
+        assert e.value.status_code == 400 and e.value.param == "image_url", kind
+        assert word in e.value.detail and e.value.detail.startswith("image_url"), (kind, e.value.detail)
+    with pytest.raises(APIError, match=f"over the limit of {MAX_IMAGE_PIXELS:,} pixels"):  # the server's own limit
+        decode_data_url(data_url(png_by_hand(4097, 4096)))
+
+
 def test_oversized_body(url):
     big = "x" * (2**20 + 10)
     assert_error(chat_with(url, big), 413, code="request_too_large")  # Content-Length known up front
@@ -201,7 +219,9 @@ def test_oversized_body(url):
 
 def test_other_bad_requests(url):
     assert_error(httpx.post(url + "/v1/chat/completions", content=b"{not json",
-                            headers={"content-type": "application/json"}), 400)
+                            headers={"content-type": "application/json"}), 400, text="body is not valid JSON")
+    assert_error(httpx.post(url + "/v1/images/generations", content=b'{"prompt": "x\\ud800", "size": "64x64"}',
+                            headers={"content-type": "application/json"}), 400, text="lone surrogate U+D800")
     assert_error(httpx.post(url + "/v1/chat/completions", json={"model": "vargpt-tiny"}), 400, text="messages")
     assert_error(chat_with(url, "hi", max_tokens=100000), 400, text="max_tokens")
     assert_error(chat_with(url, "hi", n=3), 400)

@@ -16,12 +16,16 @@ import torch
 from vargpt.config import DecoderConfig, SamplingConfig, VARGPTConfig, official_config, tiny_config
 from vargpt.data.records import Collator, RecordDataset, gen_image_tensor, read_records
 from vargpt.data.shapesworld import make_record
+from vargpt.engine import Engine
+from vargpt.engine.loop import sample_image_tokens
 from vargpt.errors import InputError
+from vargpt.models.generation import source_term
 from vargpt.models.vargpt import VARGPT
 from vargpt.models.visual_decoder import DecoderCondition, VisualDecoder
-from vargpt.processing import DEFAULT_SYSTEM_PROMPT, ByteTokenizer, VARGPTProcessor
-from vargpt.sampling.image import sample_image_tokens
+from vargpt.processing import ByteTokenizer, VARGPTProcessor
 from vargpt.scales import schedule_for_grid
+from vargpt.training import objective
+from vargpt.training.objective import image_logprobs, training_losses
 from vargpt.training.recipe import recipe_from_dict
 from vargpt.training.trainer import build_model
 
@@ -75,7 +79,8 @@ def test_source_gets_the_target_crop(records, tmp_path):
     rec = records[0]
     row = {"id": "same", "messages": rec.messages, "images": [str(rec.images[0])] * 2}
     (tmp_path / "r.jsonl").write_text(json.dumps(row) + "\n")
-    ds = RecordDataset(read_records(tmp_path / "r.jsonl"), VARGPTProcessor(ByteTokenizer(CFG.tokens), CFG),
+    root = rec.images[0].parents[1]  # the images stay in the dataset: its directory is the data root
+    ds = RecordDataset(read_records(tmp_path / "r.jsonl", root=root), VARGPTProcessor(ByteTokenizer(CFG.tokens), CFG),
                        image_size=SIZE, stride=CFG.vae.stride, gen_transform="released", source_condition=True)
     crops = set()
     for epoch in range(4):
@@ -87,7 +92,7 @@ def test_source_gets_the_target_crop(records, tmp_path):
 
 
 def _schedule(model: VARGPT):
-    return model.schedule_for(SIZE)
+    return Engine(model).schedule_for(SIZE)
 
 
 @contextmanager
@@ -151,8 +156,8 @@ def test_zero_init_equals_the_model_without_it(models, records):
     assert all(torch.equal(sd_off[k], sd_on[k]) for k in sd_off)  # the same seeded build otherwise
     assert not on.vargpt_gen.source_embed.weight.any() and not on.vargpt_gen.source_embed.bias.any()
     src, _, instruction = _edit(records)
-    a = off.edit_images([src], [instruction], size=SIZE, seed=0)
-    b = on.edit_images([src], [instruction], size=SIZE, seed=0)
+    a = Engine(off).edit_images([src], [instruction], size=SIZE, seed=0)
+    b = Engine(on).edit_images([src], [instruction], size=SIZE, seed=0)
     assert torch.equal(a.images, b.images)
     assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits, strict=True))
     batch = Collator(on.require_processor())([_dataset(on, records)[i] for i in (0, 1)])
@@ -161,11 +166,11 @@ def test_zero_init_equals_the_model_without_it(models, records):
         model.train()
         try:
             with torch.no_grad():
-                losses.append(model.training_losses(batch, generator=torch.Generator().manual_seed(3)))
+                losses.append(training_losses(model, batch, generator=torch.Generator().manual_seed(3)))
         finally:
             model.eval()
     assert all(losses[0][k].item() == losses[1][k].item() for k in ("loss", "text_loss", "bit_loss"))
-    assert torch.equal(off.image_logprobs(batch), on.image_logprobs(batch))
+    assert torch.equal(image_logprobs(off, batch), image_logprobs(on, batch))
 
 
 # ----------------------------------------------------------------------------------------------- behaviour
@@ -175,11 +180,11 @@ def test_zero_init_equals_the_model_without_it(models, records):
 def test_source_reaches_the_output_through_the_decoder_only(models, records):
     off, on = models
     src, tgt, instruction = _edit(records)
-    prompt = on._prompt_batch([f"<image>\n{instruction}"], [src], 1, DEFAULT_SYSTEM_PROMPT)
-    ids = {k: prompt[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    prompt = Engine(on).encode_prompts([f"<image>\n{instruction}"], [src])
+    ids = {k: getattr(prompt, k) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
 
     def run(source, model=on):  # same prompt (vision tower sees src); the decoder's source varies
-        return model.generate_images(**ids, source_images=[source], size=SIZE, seed=0)
+        return Engine(model).generate_images(**ids, source_images=[source], size=SIZE, seed=0)
 
     same_zero = run(tgt)
     assert all(torch.equal(x, y) for x, y in zip(run(src).bits, same_zero.bits, strict=True))
@@ -192,13 +197,13 @@ def test_source_reaches_the_output_through_the_decoder_only(models, records):
         # both CFG rows (cond, then uncond) carry the same non-zero source term
         s = conds[0].source_BLC
         assert s.shape[0] == 2 and s[0].abs().sum() > 0 and torch.equal(s[0], s[1])
-        assert torch.equal(on.edit_images([src], [instruction], size=SIZE, seed=0).images, from_src.images)
+        assert torch.equal(Engine(on).edit_images([src], [instruction], size=SIZE, seed=0).images, from_src.images)
         # text-to-image has no source: unchanged
-        t2i_on = on.generate_images(["a red circle", "two blue squares"], size=SIZE, seed=5)
-    t2i_off = off.generate_images(["a red circle", "two blue squares"], size=SIZE, seed=5)
+        t2i_on = Engine(on).generate_images(["a red circle", "two blue squares"], size=SIZE, seed=5)
+    t2i_off = Engine(off).generate_images(["a red circle", "two blue squares"], size=SIZE, seed=5)
     assert torch.equal(t2i_on.images, t2i_off.images)
     with pytest.raises(InputError, match="source image"):
-        on.generate_images(**ids, source_images=[src, tgt], size=SIZE, seed=0)
+        Engine(on).generate_images(**ids, source_images=[src, tgt], size=SIZE, seed=0)
 
 
 def test_training_batch_carries_edit_sources_and_trains_source_embed(models, records):
@@ -217,23 +222,24 @@ def test_training_batch_carries_edit_sources_and_trains_source_embed(models, rec
 
     on.train()
     try:
-        out = on.training_losses(batch, generator=torch.Generator().manual_seed(1))
+        out = training_losses(on, batch, generator=torch.Generator().manual_seed(1))
         out["loss"].backward()
         emb = on.vargpt_gen.source_embed
         assert emb.weight.grad is not None and emb.weight.grad.abs().sum() > 0 and emb.bias.grad.abs().sum() > 0
         # condition dropout replaces the prompt, not the source: the dropped row keeps its term, the t2i row has none
         dropped = []
-        drop = on._drop_prompts
+        drop = objective.drop_prompts
 
-        def spy(b, drop_B):
+        def spy(model, b, drop_B):
             dropped.append(drop_B.tolist())
-            return drop(b, drop_B)
+            return drop(model, b, drop_B)
 
         with _embed(on), torch.no_grad(), _capture(on.vargpt_gen, "forward_train") as conds, \
                 mock.patch.object(on.config.decoder, "cond_drop_rate", 0.99), \
-                mock.patch.object(on, "_drop_prompts", side_effect=spy):
-            on.training_losses(batch, generator=torch.Generator().manual_seed(1))
-            want = on.source_term(batch["gen_source_pixel_values"], _schedule(on), batch["gen_source_mask"])
+                mock.patch.object(objective, "drop_prompts", side_effect=spy):
+            training_losses(on, batch, generator=torch.Generator().manual_seed(1))
+            want = source_term(on.vae_local, on.vargpt_gen, batch["gen_source_pixel_values"], _schedule(on),
+                               batch["gen_source_mask"])
         assert dropped and dropped[0][0]  # the edit row's prompt was replaced by the null prompt
         got = conds[0].source_BLC
         assert got[0].abs().sum() > 0 and not got[1].any()
@@ -252,7 +258,8 @@ def test_source_codes_sit_at_the_positions_predicting_their_scale(models, record
     batch["gen_source_pixel_values"] = batch["gen_pixel_values"].clone()
     schedule = _schedule(on)
     with _embed(on) as emb, _capture(on.vargpt_gen, "forward_train") as conds:
-        _, _, logits, labels, sched = on._teacher_forced(batch, noisy=False, generator=None)
+        out, _ = objective.teacher_forced(on, batch)
+        logits, labels, sched = out.gen_logits_BLV, out.bit_labels_BLD, out.schedule
         term = conds[0].source_BLC
         assert tuple(sched) == tuple(schedule) and term.shape[:2] == labels.shape[:2] == logits.shape[:2]
         bits = on.vae_local.encode(batch["gen_pixel_values"], schedule).bits
@@ -302,7 +309,7 @@ def test_decoder_adds_the_source_term_to_the_block_input_of_each_scale():
     # CFG batches: a condition without a source gets zero rows when concatenated with one that has it
     both = DecoderCondition.cat(with_src, plain)
     assert torch.equal(both.source_BLC[:2], term) and not both.source_BLC[2:].any()
-    sampling = SamplingConfig(cfg=2.0, tau=1.0, top_k=0, top_p=0.0)
+    sampling = SamplingConfig(cfg_scale=2.0, tau=1.0, top_k=0, top_p=0.0)
     runs = [sample_image_tokens(dec, DecoderCondition.cat(with_src, with_src), sched, sampling, use_cache=c,
                                 return_logits=True, generator=torch.Generator().manual_seed(3)) for c in (True, False)]
     for a, b in zip(runs[0].logits, runs[1].logits, strict=True):

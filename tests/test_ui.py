@@ -173,7 +173,7 @@ def test_generate_tab(browser, url, pipe, tmp_path):
         assert shown.size == (80, 40)
         assert_same_pixels(shown, want)
     previews = wait_for(browser, lambda d: image_srcs(d, "gen-previews"), "no coarse-to-fine previews")
-    assert len(previews) == len(pipe.model.schedule_for((40, 80)))
+    assert len(previews) == len(pipe.engine.schedule_for((40, 80)))
     assert_same_pixels(fetch_image(previews[-1]), expected[0])  # the last scale is the finished first image
 
     fetched = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")

@@ -2,8 +2,8 @@
 mixed turns, batching and bad input.
 
 Fixtures (../shared/fixtures/official, published code on tiny random weights): (a) understanding logits through
-``model(**inputs).logits``; (b) sampled bits through ``generate_images`` (published settings, seed 1234567);
-(d) teacher-forced generation loss through ``training_losses`` with the published compat switches.
+``model(**inputs).logits``; (b) sampled bits through ``Engine.generate_images`` (published settings, seed 1234567);
+(d) teacher-forced generation loss through ``objective.training_losses`` with the published compat switches.
 """
 
 from __future__ import annotations
@@ -21,10 +21,14 @@ from transformers import LogitsProcessor
 
 from conftest import VAE_DECODE_TOL, assert_close_recorded, load_fixture
 from vargpt.config import SamplingConfig, official_config, tiny_config
+from vargpt.engine import Engine
 from vargpt.errors import CheckpointError, InputError
-from vargpt.models.vargpt import VARGPT, convert_checkpoint, read_config
+from vargpt.models.generation import null_prompt_ids
+from vargpt.models.vargpt import VARGPT
 from vargpt.processing import VARGPTProcessor
 from vargpt.scales import padded_tokens, schedule_for_size
+from vargpt.training.objective import drop_prompts, image_logprobs, text_ce, training_losses
+from vargpt.weights import convert_checkpoint, read_config
 
 
 @pytest.fixture(scope="module")
@@ -75,18 +79,18 @@ def test_fixture_d_training_loss(fixtures_dir, fixture_config, record_property):
                                    device="cpu").train()
     batch = {"input_ids": d["input_ids"], "attention_mask": d["attention_mask"], "labels": d["labels"],
              "gen_pixel_values": d["pixel_gen_values"]}
-    losses = model.training_losses(batch)
+    losses = training_losses(model, batch)
     record_property("d.loss(model)", f"rel diff {abs(losses['loss'].item() / d['loss'].item() - 1):.3g} (bound 1e-4)")
     assert losses["loss"].item() == pytest.approx(d["loss"].item(), rel=1e-4)
     assert losses["loss"].requires_grad
     # DPO log-prob of the image = -(sum of the bit CEs): consistent with the mean bit loss over 521 x 32 bits
-    logp = model.image_logprobs(batch)
+    logp = image_logprobs(model, batch)
     assert logp.shape == (1,)
     assert logp.item() == pytest.approx(-losses["bit_loss"].item() * 521 * 32, rel=1e-4)
     # our default text loss (answer tokens only) differs from the published whole-sequence one
     model.config.compat.published_text_loss = False
     try:
-        assert model.training_losses(batch)["text_loss"].item() != pytest.approx(losses["text_loss"].item())
+        assert training_losses(model, batch)["text_loss"].item() != pytest.approx(losses["text_loss"].item())
     finally:
         model.config.compat.published_text_loss = True
 
@@ -95,8 +99,8 @@ def test_fixture_d_training_loss(fixtures_dir, fixture_config, record_property):
 def test_fixture_b_sampled_bits(fixture_model, fixtures_dir, record_property):
     b = load_fixture(fixtures_dir, "b_t2i")
     assert fixture_model.config.compat.published_uncond_branch
-    out = fixture_model.generate_images(input_ids=b["generated_ids"][:, :-1], size=256, seed=[1234567],
-                                        sampling=SamplingConfig(cfg=3.0, tau=0.5, top_k=900, top_p=0.97))
+    out = Engine(fixture_model).generate_images(input_ids=b["generated_ids"][:, :-1], size=256, seed=[1234567],
+                                        sampling=SamplingConfig(cfg_scale=3.0, tau=0.5, top_k=900, top_p=0.97))
     flips = sum(int((out.bits[k] != b[f"bits_scale{k:02d}"][:, 0].long()).sum()) for k in range(7))
     assert flips == 0  # measured: 0 of 16,672 bits
     assert out.images.shape == (1, 3, 256, 256)
@@ -232,13 +236,13 @@ class ScriptedTurn(LogitsProcessor):
 def test_mixed_turn_text_image_text(tiny_model):
     inputs = tiny_model.processor("Say hi, draw a circle, then say ok.")
     script = ScriptedTurn(inputs["input_ids"].shape[1], tiny_model.config.tokens)
-    parts = tiny_model.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=12,
+    parts = Engine(tiny_model).generate_text(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=12,
                                 logits_processor=[script], image_size=64)[0]
     assert [type(p) for p in parts] == [str, torch.Tensor, str]
     assert parts[0] == "hi" and parts[2] == "ok" and parts[1].shape == (3, 64, 64)
     assert parts[1].min() >= -1 and parts[1].max() <= 1
     # without images the start token is suppressed and the text is plain transformers generate
-    text = tiny_model.generate(inputs["input_ids"], max_new_tokens=4, images=False)[0]
+    text = Engine(tiny_model).generate_text(inputs["input_ids"], max_new_tokens=4, images=False)[0]
     assert all(isinstance(p, str) for p in text)
 
 
@@ -249,11 +253,11 @@ def test_batch_of_four_equals_single_calls(tiny_model, published):
     model.config.compat.published_uncond_branch = published
     try:
         prompts = ["a red circle", "two blue squares on the left", "a green triangle", "three circles"]
-        sampling = SamplingConfig(cfg=3.0, tau=1.0, top_k=0, top_p=0.0)
-        batch = model.generate_images(prompts, size=64, seed=100, sampling=sampling)
+        sampling = SamplingConfig(cfg_scale=3.0, tau=1.0, top_k=0, top_p=0.0)
+        batch = Engine(model).generate_images(prompts, size=64, seed=100, sampling=sampling)
         assert batch.images.shape == (4, 3, 64, 64)
         for i, p in enumerate(prompts):
-            single = model.generate_images(p, size=64, seed=[100 + i], sampling=sampling)
+            single = Engine(model).generate_images(p, size=64, seed=[100 + i], sampling=sampling)
             for k in range(len(batch.bits)):
                 assert torch.equal(batch.bits[k][i], single.bits[k][0]), (i, k)
             torch.testing.assert_close(batch.images[i], single.images[0], atol=1e-4, rtol=0)
@@ -265,10 +269,10 @@ def test_batch_of_four_equals_single_calls(tiny_model, published):
 @torch.no_grad()
 def test_editing_and_sizes(tiny_model):
     src = Image.fromarray(np.full((64, 64, 3), 200, dtype=np.uint8))
-    out = tiny_model.edit_images([src], ["make it blue"], size=128, seed=0)
+    out = Engine(tiny_model).edit_images([src], ["make it blue"], size=128, seed=0)
     assert out.images.shape == (1, 3, 128, 128)
     with pytest.raises(InputError, match="supported sizes"):
-        tiny_model.generate_images("a circle", size=100)
+        Engine(tiny_model).generate_images("a circle", size=100)
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -288,15 +292,15 @@ def _gen_batch(model: VARGPT, prompts: list[str], size: int = 64) -> dict:
 def test_training_losses_consistent_condition_dropout(tiny_model):
     model = tiny_model
     batch = _gen_batch(model, ["a red circle", "two blue squares"])
-    drop = model._drop_prompts(batch, torch.tensor([True, False]))
-    null = model._null_prefix()
+    drop = drop_prompts(model, batch, torch.tensor([True, False]))
+    null = null_prompt_ids(model.processor)
     assert drop["input_ids"][0, :len(null)].tolist() == null  # the null prompt replaces the prefix
     assert drop["input_ids"][0, len(null)] == model.config.tokens.image_gen_start
     assert torch.equal(drop["input_ids"][1, :batch["input_ids"].shape[1]], batch["input_ids"][1])
     model.train()
     try:
-        a = model.training_losses(batch, generator=torch.Generator().manual_seed(3))
-        b = model.training_losses(batch, generator=torch.Generator().manual_seed(3))
+        a = training_losses(model, batch, generator=torch.Generator().manual_seed(3))
+        b = training_losses(model, batch, generator=torch.Generator().manual_seed(3))
         assert set(a) >= {"loss", "text_loss", "bit_loss"} and torch.isfinite(a["loss"])
         assert a["loss"].item() == b["loss"].item()  # explicit generator: reproducible noise and dropout
         a["loss"].backward()
@@ -304,10 +308,10 @@ def test_training_losses_consistent_condition_dropout(tiny_model):
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
-    lp = model.image_logprobs(batch)
+    lp = image_logprobs(model, batch)
     assert lp.shape == (2,) and bool((lp < 0).all())
     with pytest.raises(InputError, match="gen_pixel_values"):
-        model.training_losses({k: v for k, v in batch.items() if k != "gen_pixel_values"})
+        training_losses(model, {k: v for k, v in batch.items() if k != "gen_pixel_values"})
 
 
 def test_bad_prompt_inputs(tiny_model):
@@ -317,7 +321,7 @@ def test_bad_prompt_inputs(tiny_model):
     with pytest.raises(InputError, match="only 1 image placeholder"):
         tiny_model.processor([{"role": "user", "content": "<image> what?"}], [img, img])
     with pytest.raises(InputError, match="at most 4096"):
-        tiny_model.generate_images("a " * 3000, size=64)
+        Engine(tiny_model).generate_images("a " * 3000, size=64)
 
 
 @torch.no_grad()
@@ -325,11 +329,11 @@ def test_cfg_one_skips_the_unconditional_rows(tiny_model):
     """cfg 1 at every scale: no unconditional branch, also in the default (cached) unconditional mode."""
     assert not tiny_model.config.compat.published_uncond_branch
     ids = torch.tensor([[5, 6, 7, tiny_model.config.tokens.image_gen_start]])
-    one = SamplingConfig(cfg=1.0, tau=0.5, top_k=900, top_p=0.97)
-    a = tiny_model.generate_images(input_ids=ids, size=64, seed=3, sampling=one)
-    b = tiny_model.generate_images(input_ids=ids, size=64, seed=3, sampling=one)
-    guided = tiny_model.generate_images(input_ids=ids, size=64, seed=3,
-                                        sampling=SamplingConfig(cfg=3.0, tau=0.5, top_k=900, top_p=0.97))
+    one = SamplingConfig(cfg_scale=1.0, tau=0.5, top_k=900, top_p=0.97)
+    a = Engine(tiny_model).generate_images(input_ids=ids, size=64, seed=3, sampling=one)
+    b = Engine(tiny_model).generate_images(input_ids=ids, size=64, seed=3, sampling=one)
+    guided = Engine(tiny_model).generate_images(input_ids=ids, size=64, seed=3,
+                                        sampling=SamplingConfig(cfg_scale=3.0, tau=0.5, top_k=900, top_p=0.97))
     assert a.images.shape == (1, 3, 64, 64) and torch.equal(a.images, b.images)
     assert any(not torch.equal(x, y) for x, y in zip(a.bits, guided.bits, strict=True))
 
@@ -347,8 +351,8 @@ def test_text_loss_mean_per_sample(tiny_model):
     ce0 = torch.nn.functional.cross_entropy(logits[0, :4], labels[0, 1:5], reduction="none")
     ce1 = torch.nn.functional.cross_entropy(logits[1, 2:3], labels[1, 3:4])
     try:
-        assert model._text_ce(hidden, labels).item() == pytest.approx(torch.cat([ce0, ce1[None]]).mean().item())
+        assert text_ce(model, hidden, labels).item() == pytest.approx(torch.cat([ce0, ce1[None]]).mean().item())
         model.config.text_loss_mean = "sample"
-        assert model._text_ce(hidden, labels).item() == pytest.approx(((ce0.mean() + ce1) / 2).item())
+        assert text_ce(model, hidden, labels).item() == pytest.approx(((ce0.mean() + ce1) / 2).item())
     finally:
         model.config.text_loss_mean = "token"

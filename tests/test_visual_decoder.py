@@ -28,22 +28,20 @@ import torch.nn.functional as F
 from bf16_envelope import bf16_envelope, check_against_reference
 from conftest import assert_close_recorded, load_fixture
 from vargpt.config import CompatConfig, DecoderConfig, SamplingConfig
+from vargpt.engine.loop import (
+    LLMScaleHook,
+    generation_condition,
+    published_uncond_context,
+    sample_from_prompt,
+    sample_image_tokens,
+)
 from vargpt.errors import InputError
 from vargpt.models import visual_decoder
 from vargpt.models import vlm as V
-from vargpt.models.generation import (
-    LLMScaleHook,
-    generation_condition,
-    prompt_context,
-    published_uncond_context,
-    sample_from_prompt,
-    start_condition,
-    teacher_forced_forward,
-)
+from vargpt.models.generation import prompt_context, start_condition, teacher_forced_forward
 from vargpt.models.projectors import GenProjector, SosEmbedding
 from vargpt.models.vae import BSQVAE
 from vargpt.models.visual_decoder import DecoderCondition, VisualDecoder, block_causal_mask, rope2d_table
-from vargpt.sampling.image import sample_image_tokens
 from vargpt.scales import scale_schedule, schedule_for_grid
 from vargpt.weights import load_into, released_to_vlm_keys, select_prefix
 
@@ -226,7 +224,7 @@ def test_fixture_b_sampled_bits_same_seed(official, fixtures_dir):
     ids = b["generated_ids"][:, :-1]  # prompt + <|image_gen_start|>
     out = sample_from_prompt(o.dec, o.pin, o.pout, o.sos, functools.partial(V.llm_forward, o.vlm),
                              functools.partial(V.new_cache, o.vlm), o.vlm.model.get_input_embeddings()(ids), ids,
-                             SCHED_256, SamplingConfig(cfg=3.0, tau=0.5, top_k=900, top_p=0.97),
+                             SCHED_256, SamplingConfig(cfg_scale=3.0, tau=0.5, top_k=900, top_p=0.97),
                              start_id=o.cfg.tokens.image_gen_start, generator=torch.Generator().manual_seed(1234567))
     flips = sum(int((out.bits[k] != b[f"bits_scale{k:02d}"][:, 0].long()).sum()) for k in range(len(SCHED_256)))
     assert flips == 0  # measured: 0 of 16,672 bits
@@ -277,7 +275,7 @@ def test_kv_cached_sampling_equals_uncached():
     def hook(k, x):  # stands in for the LLM: any per-scale map of the new tokens
         return x + 0.1 * lin(x)
 
-    sampling = SamplingConfig(cfg=[3.0, 2.0, 1.0, 2.5, 3.0], tau=[1.0, 0.5, 0.5, 1.0, 0.7], top_k=2, top_p=0.9)
+    sampling = SamplingConfig(cfg_scale=[3.0, 2.0, 1.0, 2.5, 3.0], tau=[1.0, 0.5, 0.5, 1.0, 0.7], top_k=2, top_p=0.9)
     runs = [sample_image_tokens(dec, both, SCHED_64, sampling, hook=hook, use_cache=c, return_logits=True,
                                 generator=[torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)])
             for c in (True, False)]
@@ -293,7 +291,7 @@ def test_batch_of_eight_equals_eight_single_calls():
     dec = _tiny_decoder(seed=3)
     lengths = [4, 1, 6, 3, 2, 5, 1, 7]
     cond, uncond = _conditions(dec, lengths, seed=2)
-    sampling = SamplingConfig(cfg=3.0, tau=0.5, top_k=900, top_p=0.97)
+    sampling = SamplingConfig(cfg_scale=3.0, tau=0.5, top_k=900, top_p=0.97)
     seeds = [11, 12, 13, 14, 15, 16, 17, 18]
     batch = sample_image_tokens(dec, DecoderCondition.cat(cond, uncond), SCHED_64, sampling,
                                 generator=[torch.Generator().manual_seed(s) for s in seeds])
@@ -465,7 +463,7 @@ def test_sample_from_prompt_batch_equals_single_prompts(official, uncond_mode):
     ids = torch.stack([F.pad(p, (S - len(p), 0), value=o.cfg.tokens.endoftext) for p in prompts])
     mask = torch.stack([F.pad(torch.ones(len(p), dtype=torch.long), (S - len(p), 0)) for p in prompts])
     sched = SCHED_256[:5]  # 121 tokens keep it fast
-    sampling = SamplingConfig(cfg=[3.0, 3.0, 2.0, 1.0, 3.0], tau=0.5)
+    sampling = SamplingConfig(cfg_scale=[3.0, 3.0, 2.0, 1.0, 3.0], tau=0.5)
     uncond = embed(torch.tensor([[start]])) if uncond_mode == "cached" else None
     kw = dict(start_id=start, uncond_mode=uncond_mode, uncond_inputs_embeds_BSH=uncond)
     batch = sample_from_prompt(o.dec, o.pin, o.pout, o.sos, llm, new_cache, embed(ids), ids, sched, sampling,

@@ -99,3 +99,8 @@ def build_noisy(recipe=None) -> ToyVARGPT:
 
 def build_noisy_slow(recipe=None) -> ToyVARGPT:
     return ToyVARGPT(noise=0.1, sleep_s=0.15)
+
+
+def build_noisy_paced(recipe=None) -> ToyVARGPT:
+    """`build_noisy` at 0.04 s a step: kills land anywhere in a run of a second or two."""
+    return ToyVARGPT(noise=0.1, sleep_s=0.04)

@@ -3,21 +3,22 @@
 Public API (importing this package does no work and touches no files):
 
 * `VARGPTConfig` and the presets `official_config`, `tiny_config`, `get_preset`;
-* `VARGPT` (the unified model) and `VARGPTPipeline` (generate / chat / edit), imported on first use;
-* the trainer is added by its module as it lands.
+* `VARGPT` (the unified model), `Engine` (inference over it) and `VARGPTPipeline` (generate / chat / edit with PIL
+  images), imported on first use.
 """
 
 __version__ = "0.1.0"
 
 from vargpt.config import VARGPTConfig, get_preset, official_config, tiny_config  # noqa: E402
 
-__all__ = ["VARGPT", "VARGPTConfig", "VARGPTPipeline", "get_preset", "official_config", "tiny_config", "__version__"]
+__all__ = ["VARGPT", "Engine", "VARGPTConfig", "VARGPTPipeline", "get_preset", "official_config", "tiny_config",
+           "__version__"]
 
-_LAZY = {"VARGPT": "vargpt.models.vargpt", "VARGPTPipeline": "vargpt.pipeline"}
+_LAZY = {"VARGPT": "vargpt.models.vargpt", "Engine": "vargpt.engine", "VARGPTPipeline": "vargpt.pipeline"}
 
 
 def __getattr__(name: str):
-    """`VARGPT` and `VARGPTPipeline` load torch and transformers, so they are imported when first used."""
+    """`VARGPT`, `Engine` and `VARGPTPipeline` load torch and transformers, so they are imported when first used."""
     if name in _LAZY:
         import importlib
 

@@ -110,7 +110,7 @@ def data_preferences(
     from vargpt.training.preferences import PreferenceConfig, build_preferences
 
     pipe = _pipeline(model, device, "auto")
-    summary = build_preferences(pipe.model, PreferenceConfig(
+    summary = build_preferences(pipe.engine, PreferenceConfig(
         out=str(out), n=n, samples=samples, size=size, split=split, seed=seed, batch=batch,
         render_chosen=render_chosen), sampling=pipe.sampling_config(cfg))
     typer.echo(json.dumps({k: v for k, v in summary.items() if k not in ("config", "sampling")}))
@@ -130,13 +130,16 @@ def check(
     from vargpt.errors import InputError
     from vargpt.eval.checker import check_image, score_edit
     from vargpt.imageio import load_image
+    from vargpt.validation import check_text
 
     if (source is None) != (instruction is None):
         raise InputError("edit mode needs both --source IMAGE and --instruction TEXT")
     if (source is None) == (prompt is None):
         raise InputError("give either --prompt TEXT or --source IMAGE --instruction TEXT (to check edits)")
-    if prompt is not None and not prompt.strip():
-        raise InputError("the prompt is empty; give one like --prompt 'a red circle'")
+    if prompt is not None:
+        check_text(prompt)
+    if instruction is not None:
+        check_text(instruction, "instruction")
     src = load_image(source) if source is not None else None
     loaded = [load_image(path) for path in images]  # every input is checked before anything is printed
     for path, image in zip(images, loaded, strict=True):
@@ -303,10 +306,10 @@ def _eval_task(kind: str, model: Path | None, n: int, seeds: str, size: int | No
     if kind == "vqa":
         rep = tasks.evaluate_vqa(pipe, tasks.vqa_cases(n, split=split, size=size))
     elif kind == "t2i":
-        rep = tasks.evaluate_t2i(pipe.model, tasks.t2i_cases(n, split=split), **kw)
+        rep = tasks.evaluate_t2i(pipe.engine, tasks.t2i_cases(n, split=split), **kw)
     else:
         cases = tasks.edit_cases(n, split=split, size=size or pipe.model.config.image_size)
-        rep = tasks.evaluate_edit(pipe.model, cases, **kw)
+        rep = tasks.evaluate_edit(pipe.engine, cases, **kw)
         sources = [c.source for c in cases]
     kept = rep.pop("images", [])
     rep["model"] = str(model) if model else "embedded default"
@@ -449,8 +452,12 @@ def generate_cmd(
     dtype: Annotated[str, typer.Option("--dtype", help=_DTYPE_HELP)] = "auto",
 ) -> None:
     """Generate images from text prompts and write them as PNG."""
+    from vargpt.validation import check_text
+
+    for prompt in prompts:  # before the model loads: a typo costs no wait
+        check_text(prompt)
     pipe = _pipeline(model, device, dtype)
-    _save(pipe.generate(prompts, seed=seed, cfg=cfg, size=_resolve_size(pipe, size, aspect), n=n), out)
+    _save(pipe.generate(prompts, seed=seed, cfg_scale=cfg, size=_resolve_size(pipe, size, aspect), n=n), out)
 
 
 @app.command("edit")
@@ -468,10 +475,12 @@ def edit_cmd(
 ) -> None:
     """Edit an image by an instruction and write the result as PNG."""
     from vargpt.imageio import load_image
+    from vargpt.validation import check_text
 
+    check_text(instruction, "instruction")
     source = load_image(image)
     pipe = _pipeline(model, device, dtype)
-    _save([pipe.edit(source, instruction, seed=seed, cfg=cfg, size=_resolve_size(pipe, size, aspect))], out)
+    _save([pipe.edit(source, instruction, seed=seed, cfg_scale=cfg, size=_resolve_size(pipe, size, aspect))], out)
 
 
 @app.command("chat")
@@ -486,7 +495,10 @@ def chat_cmd(
     """Answer a question about image(s); without a question, an interactive chat (empty line or Ctrl-D ends it)."""
     from vargpt.imageio import load_image
     from vargpt.processing import IMAGE_PLACEHOLDER
+    from vargpt.validation import check_text
 
+    if question is not None:
+        check_text(question, "question")
     images = [load_image(p) for p in image or []]
     pipe = _pipeline(model, device, dtype)
     if question is not None:
@@ -498,6 +510,9 @@ def chat_cmd(
             line = input("> ").strip()
         except EOFError:
             break
+        except UnicodeDecodeError as e:  # the terminal sent bytes that are not UTF-8: this line only
+            typer.echo(f"error: the line is not valid UTF-8 ({e.reason}); type it again", err=True)
+            continue
         if not line:
             break
         content = line
@@ -524,12 +539,62 @@ def convert_cmd(
 ) -> None:
     """Convert a checkpoint between the released VARGPT-v1.1 layout and ours (weights keep their dtype)."""
     from vargpt.errors import InputError
-    from vargpt.models.vargpt import convert_checkpoint
+    from vargpt.weights import convert_checkpoint
 
     if to not in (None, "released", "vargpt"):
         raise InputError(f"--to {to!r}: use released or vargpt")
     layout = convert_checkpoint(src, dst, layout=to, max_shard_size=max_shard_size, dtype=dtype, device=device)
     typer.echo(json.dumps({"src": str(src), "dst": str(dst), "layout": layout}))
+
+
+@app.command("bench")
+def bench_cmd(
+    json_path: Annotated[Path, typer.Option("--json", help="Report path; a markdown table is written beside it "
+                                            "(.md).")],
+    preset: Annotated[str, typer.Option("--preset", help="tiny (the embedded default, or --model), fixture (the "
+                                        "conformance weights, 256 px) or official (full size, random weights, "
+                                        "512 px; for a GPU).")] = "tiny",
+    baseline_python: Annotated[Path | None, typer.Option("--baseline-python", help="Python of the published "
+                                                         "code's environment (../shared/official-harness/setup.sh "
+                                                         "builds one): times it in the same run.")] = None,
+    baseline_src: Annotated[Path | None, typer.Option("--baseline-src", help="The published source (the folder "
+                                                      "holding VARGPT-family-training/).")] = None,
+    baseline_harness: Annotated[Path | None, typer.Option("--baseline-harness", help="Folder of official_env.py "
+                                                          "(default: ../shared/official-harness).")] = None,
+    baseline_variant: Annotated[str, typer.Option("--baseline-variant", help="Published side: fp32 (its default) "
+                                                  "or autocast_bf16.")] = "fp32",
+    device: Annotated[str, typer.Option("--device", help=_DEVICE_HELP)] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help=_DTYPE_HELP)] = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Torch intra-op threads, both sides "
+                                                "(default: torch's).")] = None,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per row (the median is reported).")] = 5,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs before each row.")] = 1,
+    quick: Annotated[bool, typer.Option("--quick", help="Batch 1 only and 8 answer tokens (a smoke run).")] = False,
+    size: Annotated[int | None, typer.Option("--size", help="Image size in pixels (default: the preset's).")] = None,
+    new_tokens: Annotated[int | None, typer.Option("--new-tokens", min=2, help="Understanding answer length "
+                                                   "(default 32; official 64).")] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="With --preset tiny: this model directory instead "
+                                               "of the embedded default.")] = None,
+    fixtures: Annotated[Path | None, typer.Option("--fixtures", help="Conformance fixture set for --preset fixture "
+                                                  "(default: ../shared/fixtures/official).")] = None,
+    peak: Annotated[str | None, typer.Option("--peak", help="Official preset's bound: a GPU (H100, H200, A100, "
+                                             "L40S, 4090) or TFLOPS,TB/s (default: the device's, else H100).")]
+    = None,
+    skip_train: Annotated[bool, typer.Option("--skip-train", help="Leave out the training step.")] = False,
+) -> None:
+    """Time text-to-image, understanding, the VAE and a training step; with --baseline-python/--baseline-src the
+    published code too, on the same weights and inputs. Writes JSON + a markdown table."""
+    from vargpt.bench import BenchConfig, run_bench
+
+    report = run_bench(BenchConfig(
+        json_path=json_path, preset=preset, device=device, dtype=dtype, threads=threads, runs=runs, warmup=warmup,
+        quick=quick, size=size, new_tokens=new_tokens, model_dir=model, fixtures=fixtures,
+        baseline_python=baseline_python, baseline_src=baseline_src, baseline_harness=baseline_harness,
+        baseline_variant=baseline_variant, peak=peak, skip_train=skip_train))
+    t1 = report["ours"]["derived"]["t2i"].get("1", {})
+    typer.echo(json.dumps({"json": str(json_path), "markdown": str(json_path.with_suffix(".md")),
+                           "t2i_batch1_s": t1.get("latency_s"),
+                           "speedup_vs_published": report["speedup_vs_published"]}))
 
 
 @app.command("serve")
@@ -577,8 +642,12 @@ def ui_cmd(
 
 
 def main(argv: list[str] | None = None) -> None:
+    import warnings
+
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    # Pillow warns about an image over vargpt.imageio's pixel limit just before load_image refuses it in one line
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     args = [a for a in args if a != "--debug"]
     try:
         app(args=args, prog_name="vargpt", standalone_mode=False)

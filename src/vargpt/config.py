@@ -226,13 +226,13 @@ class DecoderConfig:
 class SamplingConfig:
     """Knobs of next-scale image sampling. Defaults = what the released forward hard-codes."""
 
-    cfg: float | list[float] = 3.0  # one value for every scale, or one per scale
+    cfg_scale: float | list[float] = 3.0  # guidance scale: one value for every scale, or one per scale
     tau: float | list[float] = 0.5
     top_k: int = 900
     top_p: float = 0.97
 
     def validate(self) -> None:
-        for name in ("cfg", "tau"):
+        for name in ("cfg_scale", "tau"):
             v = getattr(self, name)
             vals = v if isinstance(v, list) else [v]
             _check(all(isinstance(x, (int, float)) and math.isfinite(x) for x in vals), "sampling", name, v,
@@ -323,9 +323,14 @@ class VARGPTConfig:
         return cls.from_dict(d)
 
 
+# Fields renamed since checkpoints were first written: (section class, old name) -> new name.
+_RENAMED = {("SamplingConfig", "cfg"): "cfg_scale"}
+
+
 def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
     if not isinstance(d, dict):
         raise ConfigError(f"config section {prefix or '<root>'} must be an object, got {type(d).__name__}")
+    d = {_RENAMED.get((cls.__name__, k), k): v for k, v in d.items()}
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(known))
     if unknown:

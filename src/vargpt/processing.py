@@ -42,6 +42,8 @@ from transformers import Qwen2VLImageProcessorPil
 
 from vargpt.config import TokenIds, VARGPTConfig, VisionConfig
 from vargpt.errors import CheckpointError, ConfigError, InputError
+from vargpt.imageio import to_rgb
+from vargpt.validation import check_finite, check_utf8
 
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
@@ -210,9 +212,16 @@ def make_image_processor(vision: VisionConfig) -> Qwen2VLImageProcessorPil:
 
 
 def _to_pil(image: ImageLike, max_pixels: int | None) -> Image.Image | np.ndarray:
+    """An understanding image as 8-bit RGB (PIL images of any mode through `to_rgb`; arrays must be HxWx3 uint8)."""
     if isinstance(image, torch.Tensor):
-        image = image.cpu().numpy()
+        image = check_finite(image, "the image tensor").cpu()
+        if image.dtype != torch.uint8:
+            raise InputError(f"image tensor of shape {tuple(image.shape)} and dtype {image.dtype}: expected HxWx3 "
+                             "uint8")
+        image = image.numpy()
     if isinstance(image, np.ndarray):
+        if image.dtype.kind == "f" and not np.isfinite(image).all():
+            raise InputError("the image array holds NaN or inf values; clean it (np.nan_to_num) and pass HxWx3 uint8")
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise InputError(f"image array of shape {image.shape} and dtype {image.dtype}: expected HxWx3 uint8")
         if max_pixels is None:
@@ -220,6 +229,9 @@ def _to_pil(image: ImageLike, max_pixels: int | None) -> Image.Image | np.ndarra
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
         raise InputError(f"unsupported image type {type(image).__name__}; pass a PIL image or an HxWx3 uint8 array")
+    if 0 in image.size:
+        raise InputError(f"the image is {image.width}x{image.height} pixels (empty); pass a picture with pixels")
+    image = to_rgb(image)
     if max_pixels is not None and image.width * image.height > max_pixels:
         scale = (max_pixels / (image.width * image.height)) ** 0.5
         image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))),
@@ -231,9 +243,10 @@ def _to_pil(image: ImageLike, max_pixels: int | None) -> Image.Image | np.ndarra
 
 
 def _content_text(content: str | Sequence[Mapping[str, Any]]) -> str:
-    """Message content as text; list items ``{"type": "image"}`` / ``"image_gen"`` become placeholders."""
+    """Message content as text; list items ``{"type": "image"}`` / ``"image_gen"`` become placeholders. Text no
+    tokenizer can encode (lone surrogates: bytes that were not UTF-8) is an `InputError`."""
     if isinstance(content, str):
-        return content
+        return check_utf8(content, "message")
     parts = []
     for item in content:
         kind = item.get("type")
@@ -245,7 +258,7 @@ def _content_text(content: str | Sequence[Mapping[str, Any]]) -> str:
             parts.append(IMAGE_GEN_PLACEHOLDER)
         else:
             raise InputError(f"message content item of type {kind!r}; use 'text', 'image' or 'image_gen'")
-    return "".join(parts)
+    return check_utf8("".join(parts), "message")
 
 
 def _split_system(messages: Sequence[Message], system: str | None) -> tuple[str | None, list[Message]]:
@@ -269,7 +282,7 @@ def render_inference_prompt(messages: Sequence[Message] | str, *, system: str | 
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     system, rest = _split_system(messages, system)
-    out = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
+    out = f"<|im_start|>system\n{check_utf8(system, 'system prompt')}<|im_end|>\n" if system is not None else ""
     for m in rest:
         out += f"<|im_start|>{m['role']}\n{_content_text(m['content'])}<|im_end|>\n"
     return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
@@ -345,7 +358,7 @@ class VARGPTProcessor:
                                      "in a prompt")
                 ids += [t.image_gen_start] + [t.image_gen_pad] * self.image_gen_token_num + [t.image_gen_end]
             elif piece:
-                ids += self.tokenizer.encode(piece)
+                ids += self.tokenizer.encode(check_utf8(piece, "text"))  # text not from the templates too
         return ids
 
     def decode(self, ids: Sequence[int] | torch.Tensor, *, skip_special_tokens: bool = True) -> str:

@@ -68,7 +68,7 @@ MAX_BODY_BYTES = 16 * 2**20  # a request with a few full-size images as base64 f
 MAX_N = 16  # images per request
 MAX_TOKENS = 1024  # new tokens per chat answer
 MAX_CHAT_IMAGES = 8  # images per chat request
-MAX_IMAGE_PIXELS = 4096 * 4096  # refused before decoding (a small PNG can decode to gigabytes)
+MAX_IMAGE_PIXELS = 4096 * 4096  # per uploaded image, refused from its header before decoding
 QUEUE_SIZE = 64  # jobs waiting for the engine
 MAX_BATCH_IMAGES = 32  # images in one engine call
 BATCH_WINDOW_S = 0.025  # after the first job arrives, wait this long for others to join its batch
@@ -148,14 +148,14 @@ class ImageJob:
     n: int
     seed: int
     size: Size | None
-    cfg: float | None
+    cfg_scale: float | None
     source: Image.Image | None = None
     channel: Channel = field(default_factory=Channel)
 
     @property
     def batch_key(self) -> tuple[Any, ...] | None:
         """Jobs with the same key share one `generate` call; edits (None) run alone."""
-        return None if self.source is not None else ("generate", self.size, self.cfg)
+        return None if self.source is not None else ("generate", self.size, self.cfg_scale)
 
 
 @dataclass
@@ -286,7 +286,7 @@ class Engine:
         prompts = [j.prompt for j in jobs for _ in range(j.n)]
         generators = [torch.Generator().manual_seed(j.seed + i) for j in jobs for i in range(j.n)]
         self._count(len(jobs), len(prompts), calls=1, what="generate", size=jobs[0].size)
-        images = self.pipeline.generate(prompts, generator=generators, cfg=jobs[0].cfg, size=jobs[0].size)
+        images = self.pipeline.generate(prompts, generator=generators, cfg_scale=jobs[0].cfg_scale, size=jobs[0].size)
         out, start = [], 0
         for j in jobs:
             out.append(images[start:start + j.n])
@@ -295,7 +295,7 @@ class Engine:
 
     def _edit(self, job: ImageJob) -> list[Image.Image]:
         self._count(1, job.n, calls=job.n, what="edit", size=job.size)
-        return [self.pipeline.edit(job.source, job.prompt, seed=job.seed + i, cfg=job.cfg, size=job.size)
+        return [self.pipeline.edit(job.source, job.prompt, seed=job.seed + i, cfg_scale=job.cfg_scale, size=job.size)
                 for i in range(job.n)]
 
     def _count(self, requests: int, images: int, *, calls: int, what: str, size: Size | None) -> None:
@@ -387,15 +387,12 @@ def decode_data_url(url: str) -> Image.Image:
 
 
 def _image_from_bytes(raw: bytes, param: str) -> Image.Image:
+    """Uploaded image bytes -> RGB (`load_image`: converted, or a 400 naming the problem; huge images are refused
+    from their header, before decoding)."""
+    data = io.BytesIO(raw)
+    data.name = param  # errors say "image_url: not an image ..."
     try:
-        with Image.open(io.BytesIO(raw)) as probe:  # header only: refuse huge images before decoding them
-            width, height = probe.size
-    except Exception:
-        width = height = 0  # load_image below names the problem
-    if width * height > MAX_IMAGE_PIXELS:
-        raise APIError(400, f"the image is {width}x{height}; send at most {MAX_IMAGE_PIXELS} pixels", param=param)
-    try:
-        return load_image(io.BytesIO(raw))
+        return load_image(data, max_pixels=MAX_IMAGE_PIXELS)
     except VargptError as e:
         raise APIError(400, str(e), param=param) from None
 
@@ -508,6 +505,10 @@ def create_app(pipeline: VARGPTPipeline, settings: ServerSettings | None = None)
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            why = first.get("ctx", {}).get("error", first["msg"])
+            return error_response(400, f"the request body is not valid JSON ({why} at character {first['loc'][-1]}); "
+                                  "send a JSON object")
         where = ".".join(str(p) for p in first["loc"] if p != "body")
         return error_response(400, f"{where}: {first['msg']}" if where else first["msg"], param=where or None)
 
@@ -552,7 +553,7 @@ def create_app(pipeline: VARGPTPipeline, settings: ServerSettings | None = None)
         if seed is not None and not 0 <= seed < 2**62:
             raise APIError(400, f"seed = {seed}: use 0 to 2**62 - 1", param="seed")
         seed = secrets.randbelow(2**31) if seed is None else seed
-        return ImageJob(prompt=prompt, n=n, seed=seed, size=hw, cfg=cfg, source=source)
+        return ImageJob(prompt=prompt, n=n, seed=seed, size=hw, cfg_scale=cfg, source=source)
 
     async def run_image_job(job: ImageJob) -> JSONResponse:
         engine.submit(job)

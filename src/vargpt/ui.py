@@ -138,14 +138,14 @@ def _seed(value: float | None) -> int:
 # ----------------------------------------------------------------------------------------------- generate
 
 
-def generate_with_previews(pipe: VARGPTPipeline, prompt: str, *, seed: int, cfg: float | None,
+def generate_with_previews(pipe: VARGPTPipeline, prompt: str, *, seed: int, cfg_scale: float | None,
                            size: tuple[int, int] | None, n: int) -> Iterator[tuple[list[Image.Image],
                                                                                  list[Image.Image]]]:
     """Yields ``(images, previews)``: ``previews`` grows by one picture of the first image per scale (the scales so
     far, decoded at full size) while sampling runs in a worker thread; ``images`` is empty until the last yield.
     Closing the iterator early interrupts the generation."""
     pipe.check_inputs([prompt], size, n)
-    schedule = pipe.model.schedule_for(size)
+    schedule = pipe.engine.schedule_for(size)
     events: queue.Queue[tuple[str, Any]] = queue.Queue()
     bits_so_far = []
 
@@ -155,7 +155,7 @@ def generate_with_previews(pipe: VARGPTPipeline, prompt: str, *, seed: int, cfg:
 
     def work() -> None:
         try:
-            events.put(("done", pipe.generate(prompt, seed=seed, cfg=cfg, size=size, n=n,
+            events.put(("done", pipe.generate(prompt, seed=seed, cfg_scale=cfg_scale, size=size, n=n,
                                               callback_on_scale=on_scale)))
         except BaseException as e:  # re-raised in the caller's thread
             events.put(("error", e))
@@ -220,7 +220,7 @@ def chat_turn(pipe: VARGPTPipeline, state: ChatState, image_path: str | None,
 def build_ui(pipe: VARGPTPipeline) -> gr.Blocks:
     """The three tabs over ``pipe`` (see the module docstring)."""
     config = pipe.model.config
-    default_cfg = config.sampling.cfg if isinstance(config.sampling.cfg, (int, float)) else None
+    default_cfg = config.sampling.cfg_scale if isinstance(config.sampling.cfg_scale, (int, float)) else None
     size_info = f"N (square) or WIDTHxHEIGHT in pixels, e.g. {config.image_size} or 80x40; empty = the model's size"
     model_events = dict(concurrency_limit=1, concurrency_id=MODEL_EVENTS)
 
@@ -281,10 +281,10 @@ def build_ui(pipe: VARGPTPipeline) -> gr.Blocks:
         @_user_errors
         def on_generate(text, seed, cfg, size_text, n):
             seed, size = _seed(seed), _size(pipe, size_text)
-            grids = [f"{w}x{h}" for _, h, w in pipe.model.schedule_for(size)]
+            grids = [f"{w}x{h}" for _, h, w in pipe.engine.schedule_for(size)]
             with tempfile.TemporaryDirectory(prefix="vargpt-ui-") as folder:
                 png = PngFiles(folder)
-                for images, steps in generate_with_previews(pipe, text, seed=seed, cfg=_cfg(cfg), size=size,
+                for images, steps in generate_with_previews(pipe, text, seed=seed, cfg_scale=_cfg(cfg), size=size,
                                                             n=int(n)):
                     yield ([(png(im), f"seed {seed + i}") for i, im in enumerate(images)] or None,
                            [(png(im), f"scale {k + 1}: {grids[k]}") for k, im in enumerate(steps)])
@@ -294,7 +294,8 @@ def build_ui(pipe: VARGPTPipeline) -> gr.Blocks:
             image_path = _upload(image)
             if not image_path:
                 raise InputError("no image to edit; upload one first")
-            return pipe.edit(_load(image_path), text, seed=_seed(seed), cfg=_cfg(cfg), size=_size(pipe, size_text))
+            return pipe.edit(_load(image_path), text, seed=_seed(seed), cfg_scale=_cfg(cfg),
+                             size=_size(pipe, size_text))
 
         gr.on([ask.click, question.submit], on_chat, [chat_image, question, state], [chatbot, question, state],
               preprocess=False, **model_events)

@@ -7,18 +7,21 @@ Contract
   LLaMA-Factory sharegpt format (JSON list or JSONL; ``messages`` or ``conversations``; role/content or from/value
   with the tags human/gpt/user/assistant/system; an optional ``system`` column). ``<image>`` marks an input image,
   ``<image_gen>`` a generated one; ``images`` fill them in reading order and are resolved relative to the records
-  file. Preference records carry the prompt in ``messages`` plus ``chosen`` and ``rejected`` assistant messages;
-  their images are [prompt images..., chosen images..., rejected images...] (for the released DPO data:
-  [chosen, rejected]). A malformed record raises `InputError` naming file and line, before training.
+  file, whose directory is the data root (unless ``root`` names a wider one): a path that leaves it (absolute
+  elsewhere, or ``../``) is an `InputError` naming file and line, an image that is a symlink out of it is skipped
+  when read (below). Preference records
+  carry the prompt in ``messages`` plus ``chosen`` and ``rejected`` assistant messages; their images are
+  [prompt images..., chosen images..., rejected images...] (for the released DPO data: [chosen, rejected]). A
+  malformed record, a line that is not UTF-8 or not JSON raise `InputError` naming file and line, before training.
 * `RecordDataset[(index, epoch)]` loads the images and runs `VARGPTProcessor.training_inputs`: understanding
   images go through the Qwen2-VL image processor, generated images (targets) become ``gen_pixel_values``
   ``[n, 3, H, W]`` in [-1, 1] at the recipe's size; the model encodes them with its VAE. With ``source_condition``
   (a decoder conditioned on the edit's source) each target also gets its source (the last ``<image>`` before its
   slot, the same transform and crop as the target) as ``gen_source_pixel_values`` ``[n, 3, H, W]`` and
   ``gen_source_mask`` ``[n]`` (False, zero pixels: no source, e.g. text-to-image). A record whose image is
-  missing or corrupt (or does not fit its placeholders) is skipped: a warning is logged once per record and the
-  next record takes its place, so batches keep their size (DDP ranks stay in step); the skipped ids travel with
-  the batch (``batch["skipped"]``) and the trainer counts and logs them.
+  missing, corrupt or a symlink out of the data root (or does not fit its placeholders) is skipped: a warning is
+  logged once per record and the next record takes its place, so batches keep their size (DDP ranks stay in step);
+  the skipped ids travel with the batch (``batch["skipped"]``) and the trainer counts and logs them.
 * `MixtureBatchSampler` makes the global, seeded order of batches of an epoch: each source contributes
   ``weight`` x its size draws (whole copies, then a random subset for the fraction), everything is shuffled,
   batches are filled per resolution bucket (one target size per batch), and global batch g goes to rank
@@ -40,6 +43,7 @@ import copy
 import json
 import logging
 import math
+import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -73,6 +77,7 @@ class Record:
     chosen: dict[str, Any] | None = None
     rejected: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    root: Path | None = None  # the data root its images must stay under (the records file's directory)
 
     @property
     def is_pair(self) -> bool:
@@ -111,7 +116,7 @@ def _infer_task(messages: list[dict[str, Any]], pair: bool) -> str:
     return "chat"
 
 
-def _record(raw: Any, base: Path, where: str, default_id: str) -> Record:
+def _record(raw: Any, base: Path, root: Path, where: str, default_id: str) -> Record:
     if not isinstance(raw, dict):
         raise InputError(f"{where}: a record must be a JSON object")
     msgs = raw.get("messages", raw.get("conversations"))
@@ -132,12 +137,44 @@ def _record(raw: Any, base: Path, where: str, default_id: str) -> Record:
         raise InputError(f"{where}: 'images' must be a list of paths")
     task = raw.get("task") or _infer_task(messages + [m for m in (chosen,) if m], chosen is not None)
     return Record(id=str(raw.get("id", default_id)), task=task, messages=messages,
-                  images=[base / p for p in images], chosen=chosen, rejected=rejected,
-                  meta=raw.get("meta") if isinstance(raw.get("meta"), dict) else {})
+                  images=[_image_path(base, root, p, where) for p in images], chosen=chosen, rejected=rejected,
+                  meta=raw.get("meta") if isinstance(raw.get("meta"), dict) else {}, root=root)
 
 
-def read_records(path: str | Path, fmt: Format = "chat") -> list[Record]:
-    """The records of a JSONL file, a JSON list (sharegpt) or a directory holding ``records.jsonl``."""
+def _image_path(base: Path, root: Path, path: str, where: str) -> Path:
+    """``base / path``, unless it (absolute, or climbing with ``..``) leaves ``root``: a records file may only name
+    images under its data root (a record must not make the trainer read, say, /etc/passwd or ~/.ssh)."""
+    full, top = os.path.normpath(os.path.join(base.absolute(), path)), os.path.normpath(root.absolute())
+    if os.path.commonpath([full, top]) != top:
+        raise InputError(f"{where}: image path {path!r} leaves the data root {root}; put the images under it "
+                         "(a recipe source's `root` can name a wider data root)")
+    return base / path
+
+
+def _inside_root(path: Path, root: Path | None) -> Path:
+    """``path`` unless it resolves (following symlinks) outside ``root``; checked when the image is read."""
+    if root is not None and not path.resolve().is_relative_to(root.resolve()):
+        raise InputError(f"{path}: a symlink out of the data root {root} (to {path.resolve()}); copy the image "
+                         "into the data root (linking the whole data directory is fine)")
+    return path
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file (a byte-order mark is allowed); `InputError` naming the first line
+    that is not UTF-8."""
+    out = []
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            out.append((n, raw.decode("utf-8-sig" if n == 1 else "utf-8")))
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                             "re-save the file as UTF-8") from None
+    return out
+
+
+def read_records(path: str | Path, fmt: Format = "chat", *, root: str | Path | None = None) -> list[Record]:
+    """The records of a JSONL file, a JSON list (sharegpt) or a directory holding ``records.jsonl``; their images
+    must be under ``root`` (default: the records file's directory)."""
     path = Path(path)
     if path.is_dir():
         path = path / "records.jsonl"
@@ -145,24 +182,25 @@ def read_records(path: str | Path, fmt: Format = "chat") -> list[Record]:
         hint = " (write one with `vargpt data shapesworld --out DIR`)" if fmt == "shapesworld" else ""
         raise InputError(f"{path}: no such records file{hint}")
     base = path.parent
-    text = path.read_text()
-    if path.suffix == ".json" or text.lstrip().startswith("["):
+    root = Path(root) if root is not None else base
+    lines = _lines(path)
+    if path.suffix == ".json" or next((t for _, t in lines if t.strip()), "").lstrip().startswith("["):
         try:
-            rows = json.loads(text)
+            rows = json.loads("\n".join(t for _, t in lines))
         except json.JSONDecodeError as e:
-            raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(rows, list):
             raise InputError(f"{path}: a JSON records file must hold a list of records")
-        return [_record(r, base, f"{path}: record {i}", f"{path.stem}:{i}") for i, r in enumerate(rows)]
+        return [_record(r, base, root, f"{path}: record {i}", f"{path.stem}:{i}") for i, r in enumerate(rows)]
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in lines:
         if not line.strip():
             continue
         try:
             raw = json.loads(line)
         except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: not valid JSON ({e.msg}); one record per line") from None
-        out.append(_record(raw, base, f"{path}:{n}", f"{path.stem}:{n}"))
+            raise InputError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); one record per line") from None
+        out.append(_record(raw, base, root, f"{path}:{n}", f"{path.stem}:{n}"))
     return out
 
 
@@ -233,9 +271,9 @@ class RecordDataset(Dataset):
             return self.image_size, self.image_size
         rec = self.records[index]
         try:
-            with Image.open(rec.images[-1]) as im:
+            with Image.open(_inside_root(rec.images[-1], rec.root)) as im:  # the header only
                 w, h = im.size
-        except (OSError, IndexError, ValueError):
+        except (OSError, IndexError, ValueError, InputError, Image.DecompressionBombError):
             return self.image_size, self.image_size  # unreadable: fails (and is skipped) when loaded
         return _target_size(w, h, self.image_size, self.stride, True)
 
@@ -279,7 +317,7 @@ class RecordDataset(Dataset):
         if self.pairs and not rec.is_pair:
             raise InputError(f"record {rec.id} has no chosen/rejected answers; a DPO recipe needs preference data")
         rng = random.Random(f"{self.seed}/{epoch}/{index}")
-        images = [load_image(p) for p in rec.images]
+        images = [load_image(_inside_root(p, rec.root)) for p in rec.images]
         if not rec.is_pair:
             return {"sample": self._sample(rec.messages, images, rng), "id": rec.id, "task": rec.task}
         n_prompt = sum(_text(m["content"]).count(IMAGE_PLACEHOLDER) for m in rec.messages)

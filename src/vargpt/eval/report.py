@@ -55,9 +55,9 @@ def evaluate_model(pipe: Any, json_path: str | Path, *, model_name: str = "embed
     vae_rep = evaluate_vae(vae, eval_images(f"shapesworld:{n}", json_path.parent / "data", size, split=split))
     vqa = tasks.evaluate_vqa(pipe, tasks.vqa_cases(n, split=split, size=vqa_size), progress=progress)
     kw = dict(seeds=seeds, batch=batch, progress=progress, keep_images=32)
-    t2i = tasks.evaluate_t2i(model, tasks.t2i_cases(n, split=split), **kw)
+    t2i = tasks.evaluate_t2i(pipe.engine, tasks.t2i_cases(n, split=split), **kw)
     edit_cases = tasks.edit_cases(n, split=split, size=size)
-    edit = tasks.evaluate_edit(model, edit_cases, **kw)
+    edit = tasks.evaluate_edit(pipe.engine, edit_cases, **kw)
 
     stem = json_path.with_suffix("")
     sheets = {"t2i": str(tasks.sample_sheet(t2i.pop("images"), f"{stem}_t2i.png")),

@@ -34,9 +34,9 @@ from torch import Tensor
 
 from vargpt.config import SamplingConfig
 from vargpt.data.shapesworld import make_record
+from vargpt.engine import to_pil
 from vargpt.errors import VargptError
 from vargpt.eval.checker import object_recall, parse_scene, score_answer, score_edit, score_prompt
-from vargpt.pipeline import to_pil
 
 SEED_STRIDE = 1_000_003  # image i under sampling seed s is drawn with seed s * SEED_STRIDE + i
 
@@ -149,20 +149,21 @@ def _t2i_metrics(c: T2ICase, img: Image.Image) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_t2i(model: Any, cases: Sequence[T2ICase], *, seeds: Sequence[int] = (0, 1, 2),
+def evaluate_t2i(engine: Any, cases: Sequence[T2ICase], *, seeds: Sequence[int] = (0, 1, 2),
                  size: int | None = None, sampling: SamplingConfig | None = None, batch: int = 16,
                  progress: bool = True, keep_images: int = 0) -> dict[str, Any]:
-    """Checker scores of ``model`` (a `VARGPT`) on ``cases`` for each sampling seed, and the partial credit
+    """Checker scores of ``engine`` (a `vargpt.engine.Engine`, or anything with its ``generate_images``) on ``cases``
+    for each sampling seed, and the partial credit
     `object_recall`; ``by_group`` is per GenEval category. ``keep_images``: the first images of the first seed
     come back under ``"images"``."""
     rep = _over_seeds(
         "t2i", cases, seeds, batch, progress, keep_images,
-        lambda chunk, sd: model.generate_images([c.prompt for c in chunk], size=size, sampling=sampling,
-                                                seed=sd).images,
+        lambda chunk, sd: engine.generate_images([c.prompt for c in chunk], size=size, sampling=sampling,
+                                                 seed=sd).images,
         _t2i_metrics, lambda c: c.category, lambda c: c.prompt)
-    size = size or model.config.image_size
-    return {"size": size, "sampling": vars(sampling or model.config.sampling), **rep,
-            "vae_ceiling": _model_ceiling(model, cases, size, batch)}
+    size = size or engine.config.image_size
+    return {"size": size, "sampling": vars(sampling or engine.config.sampling), **rep,
+            "vae_ceiling": _model_ceiling(engine, cases, size, batch)}
 
 
 def _edit_metrics(c: EditCase, img: Image.Image) -> dict[str, float]:
@@ -174,23 +175,23 @@ def _edit_metrics(c: EditCase, img: Image.Image) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_edit(model: Any, cases: Sequence[EditCase], *, seeds: Sequence[int] = (0, 1, 2),
+def evaluate_edit(engine: Any, cases: Sequence[EditCase], *, seeds: Sequence[int] = (0, 1, 2),
                   size: int | None = None, sampling: SamplingConfig | None = None, batch: int = 16,
                   progress: bool = True, keep_images: int = 0) -> dict[str, Any]:
-    """Edit success of ``model`` on ``cases`` for each sampling seed (score = satisfied and preserved, also
-    reported apart); ``by_group`` is per edit kind."""
+    """Edit success of ``engine`` (its ``edit_images``) on ``cases`` for each sampling seed (score = satisfied and
+    preserved, also reported apart); ``by_group`` is per edit kind."""
     rep = _over_seeds(
         "edit", cases, seeds, batch, progress, keep_images,
-        lambda chunk, sd: model.edit_images([c.source for c in chunk], [c.instruction for c in chunk], size=size,
-                                            sampling=sampling, seed=sd).images,
+        lambda chunk, sd: engine.edit_images([c.source for c in chunk], [c.instruction for c in chunk], size=size,
+                                             sampling=sampling, seed=sd).images,
         _edit_metrics, lambda c: c.kind, lambda c: c.instruction)
-    size = size or model.config.image_size
-    return {"size": size, "sampling": vars(sampling or model.config.sampling), **rep,
-            "vae_ceiling": _model_ceiling(model, cases, size, batch)}
+    size = size or engine.config.image_size
+    return {"size": size, "sampling": vars(sampling or engine.config.sampling), **rep,
+            "vae_ceiling": _model_ceiling(engine, cases, size, batch)}
 
 
-def _model_ceiling(model: Any, cases: Sequence[T2ICase | EditCase], size: int, batch: int) -> dict[str, Any] | None:
-    vae = getattr(model, "vae_local", None)
+def _model_ceiling(engine: Any, cases: Sequence[T2ICase | EditCase], size: int, batch: int) -> dict[str, Any] | None:
+    vae = getattr(getattr(engine, "model", engine), "vae_local", None)
     if vae is None or any(c.target is None for c in cases):
         return None
     return vae_ceiling(vae, cases, size=size, batch=batch)

@@ -29,7 +29,7 @@ __all__ = ["add_generation_arguments", "image_grid", "load_pipeline", "save_png"
 K = TypeVar("K")
 
 
-def sample_prompts(pipe: VARGPTPipeline, jobs: Sequence[tuple[K, str]], *, n: int, seed: int, cfg: float | None,
+def sample_prompts(pipe: VARGPTPipeline, jobs: Sequence[tuple[K, str]], *, n: int, seed: int, cfg_scale: float | None,
                    size: int | None, batch: int, desc: str, progress: bool = True
                    ) -> Iterator[tuple[K, list[Image.Image]]]:
     """(key, its ``n`` images) for each (key, prompt) of ``jobs``, ``batch`` prompts per generation call.
@@ -44,7 +44,7 @@ def sample_prompts(pipe: VARGPTPipeline, jobs: Sequence[tuple[K, str]], *, n: in
         for i in range(0, len(jobs), batch):
             chunk = jobs[i:i + batch]
             generators = [torch.Generator().manual_seed(seed + k) for _ in chunk for k in range(n)]
-            images = pipe.generate([p for _, p in chunk], cfg=cfg, size=size, n=n, generator=generators)
+            images = pipe.generate([p for _, p in chunk], cfg_scale=cfg_scale, size=size, n=n, generator=generators)
             for j, (key, _) in enumerate(chunk):
                 yield key, images[j * n:(j + 1) * n]
                 bar.update(1)

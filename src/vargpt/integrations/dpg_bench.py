@@ -41,13 +41,13 @@ def read_prompts(folder: str | Path) -> dict[str, str]:
 
 
 def write_grids(pipe: VARGPTPipeline, prompts: str | Path, outdir: str | Path, *, seed: int = 0,
-                cfg: float | None = None, size: int | None = None, batch: int = 1,
+                cfg_scale: float | None = None, size: int | None = None, batch: int = 1,
                 progress: bool = True) -> dict[str, Any]:
     """Write ``OUTDIR/<name>.png`` (module docstring) for every prompt file; returns a summary
     (prompts, generated, skipped, outdir)."""
     named, outdir = read_prompts(prompts), Path(outdir)
     pending = [(name, text) for name, text in named.items() if not (outdir / f"{name}.png").is_file()]
-    for name, images in sample_prompts(pipe, pending, n=SAMPLES, seed=seed, cfg=cfg, size=size, batch=batch,
+    for name, images in sample_prompts(pipe, pending, n=SAMPLES, seed=seed, cfg_scale=cfg_scale, size=size, batch=batch,
                                        desc="dpg-bench", progress=progress):
         save_png(image_grid(images, cols=2), outdir / f"{name}.png")
     return {"prompts": len(named), "generated": len(pending), "skipped": len(named) - len(pending),
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         read_prompts(args.prompts)  # a bad folder fails before the model loads
         pipe = load_pipeline(args)
-        summary = write_grids(pipe, args.prompts, args.outdir, seed=args.seed, cfg=args.cfg, size=args.size,
+        summary = write_grids(pipe, args.prompts, args.outdir, seed=args.seed, cfg_scale=args.cfg, size=args.size,
                               batch=args.batch)
     except VargptError as e:
         raise SystemExit(f"error: {e}") from None

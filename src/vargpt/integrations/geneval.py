@@ -61,7 +61,7 @@ def _sample_paths(folder: Path, n_samples: int) -> list[Path]:
 
 
 def write_samples(pipe: VARGPTPipeline, metadata: str | Path, outdir: str | Path, *, n_samples: int = 4,
-                  seed: int = 0, cfg: float | None = None, size: int | None = None, batch: int = 1,
+                  seed: int = 0, cfg_scale: float | None = None, size: int | None = None, batch: int = 1,
                   grid: bool = True, progress: bool = True) -> dict[str, Any]:
     """Generate GenEval's folder (module docstring) for every line of ``metadata``; returns a summary
     (prompts, generated, skipped, outdir)."""
@@ -78,7 +78,7 @@ def write_samples(pipe: VARGPTPipeline, metadata: str | Path, outdir: str | Path
             pending.append((i, rec["prompt"]))
         elif grid and not (folder / "grid.png").is_file():
             save_png(image_grid([Image.open(p).convert("RGB") for p in paths]), folder / "grid.png")
-    for i, images in sample_prompts(pipe, pending, n=n_samples, seed=seed, cfg=cfg, size=size, batch=batch,
+    for i, images in sample_prompts(pipe, pending, n=n_samples, seed=seed, cfg_scale=cfg_scale, size=size, batch=batch,
                                     desc="geneval", progress=progress):
         for path, image in zip(_sample_paths(folders[i], n_samples), images, strict=True):
             save_png(image, path)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         read_metadata(args.metadata)  # a bad file fails before the model loads
         pipe = load_pipeline(args)
         summary = write_samples(pipe, args.metadata, args.outdir, n_samples=args.n_samples, seed=args.seed,
-                                cfg=args.cfg, size=args.size, batch=args.batch, grid=not args.skip_grid)
+                                cfg_scale=args.cfg, size=args.size, batch=args.batch, grid=not args.skip_grid)
     except VargptError as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(summary))

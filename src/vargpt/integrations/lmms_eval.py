@@ -145,7 +145,7 @@ class VARGPTLmms(_Base):
         pipe = self.pipe
         samples = [pipe.chat_inputs(context, images) for context, images in items]
         batch = samples[0] if len(samples) == 1 else pipe.processor.pad(samples, padding_side="left")
-        rows = pipe.model.generate(**pipe.chat_generate_kwargs(batch, settings.max_new_tokens, settings.do_sample,
+        rows = pipe.engine.generate_text(**pipe.chat_generate_kwargs(batch, settings.max_new_tokens, settings.do_sample,
                                                         settings.temperature, settings.top_p, self.seed))
         return [settings.cut("".join(p for p in row if isinstance(p, str))) for row in rows]
 

@@ -1,74 +1,56 @@
-"""Glue between the LLM and the visual decoder for image generation (VARGPT-v1.1's "LLM in the loop").
+"""Glue between the LLM and the visual decoder (VARGPT-v1.1's "LLM in the loop"), shared by the model's training
+forward and the inference engine (`vargpt.engine`, which owns prefill and the per-scale loop).
 
 Contract
 --------
-Small named steps, shared by the unified model's training forward, its sampler and the conformance tests:
-
 * `start_condition(decoder, sos, batch_size, uncond=False)` -> ``cond_BD``: the decoder's AdaLN condition from
   the start-of-image embedding (``uncond``: from ``cfg_uncond[:1]``). It does not depend on the prompt.
 * `prompt_context(hidden_BSH, input_ids_BS, start_id, projector_out, attention_mask)` -> ``(context_BNC,
   mask_BN)``: the cross-attention context = ``image_gen_projector_out`` of the LLM's final-norm states of all
   tokens strictly before ``<|image_gen_start|>`` (padding excluded), batched with a key mask.
-* `published_uncond_context(decoder, lengths_B)`: the published unconditional context, raw ``cfg_uncond`` rows,
-  as many as each prompt has tokens.
-* `generation_condition(...)`: the whole `DecoderCondition` of a sampling batch (cond rows, then uncond rows:
-  published context by default, or a given one).
 * `scatter_gen_tokens` / `gather_gen_states`: put the decoder's token stream (projected to the LLM width) at
   the ``<|image_gen_pad|>`` slots of a training sequence, and read the LLM states back from them.
 * `teacher_forced_forward(...)`: the released training forward of a generation batch (decoder stream through
   the LLM at the pad slots, LLM states back to the decoder): LLM states + bit logits.
-* `sample_from_prompt(...)`: prompts ending with ``<|image_gen_start|>`` -> image tokens (LLM prefill, context,
-  conditions, hook, `vargpt.sampling.image.sample_image_tokens`): the image branch of generation.
-* `LLMScaleHook`: the per-scale hook of `vargpt.sampling.image.sample_image_tokens`: decoder-width tokens ->
-  ``image_gen_projector`` -> LLM (the conditional rows continue the prompt's KV cache) ->
-  ``image_gen_projector_out``. The unconditional rows (the second half of the batch) are handled by
-  ``uncond_mode``:
-
-  - ``"published"``: as released: every scale re-runs the LLM on that scale's tokens alone (no prompt, no
-    cache, positions 0..l-1) — reference-facts section 7 step 6b, rough edge 4;
-  - ``"cached"``: the rows continue their own KV cache (``uncond_cache``, e.g. pre-filled with an
-    unconditional prompt by the caller), like the conditional rows.
+* `source_term(vae, decoder, pixels, schedule)`: the decoder's source term of edit sources (source conditioning).
+* `null_prompt_ids(processor)`: the null prompt of the consistent unconditional branch (chat template, empty user
+  message, default system), without the start token: sampling's unconditional rows and training's condition
+  dropout both use it.
 
 The LLM is called through `vargpt.models.vlm.llm_forward` (a transformers Qwen2-VL); any callable with the same
-signature can be passed instead. ``CompatConfig.published_uncond_branch`` maps to ``uncond_mode="published"``
-with the default (``cfg_uncond``) unconditional context.
+signature can be passed instead.
 
 Differences from the published implementation
 ---------------------------------------------
 * Any batch size (published: 1): prompts of different lengths are left-padded; padding is excluded from the
-  cross-attention context (the published training slice ``hidden[b, :p]`` would include left padding) and
-  per-sample positions continue from each prompt's own length.
-* State is explicit: LLM caches and generators are arguments (published: ``past_hidden_states`` kept on the
-  model, a time-seeded generator on the decoder).
-* The unconditional branch is selectable (``uncond_mode`` and ``uncond_context_BNC``).
-* Condition dropout acts in training mode only (published: also in eval, e.g. the DPO reference forward).
+  cross-attention context (the published training slice ``hidden[b, :p]`` would include left padding).
+* Condition dropout acts in training mode only (published: also in eval, e.g. the DPO reference forward), from
+  explicit generators.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-from vargpt.config import SamplingConfig
 from vargpt.errors import InputError
 from vargpt.models.projectors import GenProjector, SosEmbedding
-from vargpt.models.visual_decoder import DecoderCondition, VisualDecoder
-from vargpt.sampling.image import ImageTokens, per_scale, sample_image_tokens
+from vargpt.models.vae import BSQVAE
+from vargpt.models.visual_decoder import VisualDecoder
+from vargpt.processing import VARGPTProcessor, render_inference_prompt
 from vargpt.scales import Schedule
 
 __all__ = [
-    "LLMScaleHook",
+    "LLMForward",
     "TeacherForcedOutput",
     "teacher_forced_forward",
     "gather_gen_states",
-    "generation_condition",
+    "null_prompt_ids",
     "prompt_context",
-    "published_uncond_context",
-    "sample_from_prompt",
+    "source_term",
     "scatter_gen_tokens",
     "start_condition",
 ]
@@ -109,43 +91,6 @@ def prompt_context(hidden_BSH: Tensor, input_ids_BS: Tensor, start_id: int, proj
     mask = torch.arange(N, device=hidden_BSH.device)[None, :] < lengths[:, None]
     context = projector_out(rows)
     return context, (None if bool(mask.all()) else mask)
-
-
-def published_uncond_context(decoder: VisualDecoder, lengths_B: Tensor) -> tuple[Tensor, Tensor | None]:
-    """The published unconditional cross-attention context: ``cfg_uncond[:N_b]`` for sample b."""
-    N = int(lengths_B.max())
-    if N > decoder.cfg.text_maxlen:
-        raise InputError(f"the published unconditional branch supports prompts of at most {decoder.cfg.text_maxlen} "
-                         f"tokens (cfg_uncond rows); this one has {N}")
-    context = decoder.cfg_uncond[:N].unsqueeze(0).expand(lengths_B.shape[0], -1, -1)
-    mask = torch.arange(N, device=lengths_B.device)[None, :] < lengths_B[:, None]
-    return context, (None if bool(mask.all()) else mask)
-
-
-def generation_condition(decoder: VisualDecoder, sos: SosEmbedding, context_BNC: Tensor,
-                         context_mask_BN: Tensor | None = None, *, guided: bool = True,
-                         uncond_context_BNC: Tensor | None = None,
-                         uncond_context_mask_BN: Tensor | None = None,
-                         source_BLC: Tensor | None = None) -> DecoderCondition:
-    """The decoder condition of a generation batch: B conditional rows, then (``guided``) B unconditional ones.
-
-    Conditional rows: start-of-image condition + the prompt context. Unconditional rows: the ``cfg_uncond``
-    condition + ``uncond_context`` if given, else the published context (`published_uncond_context`).
-    ``source_BLC`` (editing with ``decoder.source_condition``, `VisualDecoder.source_tokens`): the source term of
-    each sample, given to its conditional AND its unconditional row (condition dropout keeps it in training too),
-    so guidance amplifies the instruction, not the copy.
-    """
-    B, N = context_BNC.shape[:2]
-    cond = decoder.condition(start_condition(decoder, sos, B), context_BNC, context_mask_BN, source_BLC=source_BLC)
-    if not guided:
-        return cond
-    if uncond_context_BNC is None:
-        lengths = (context_mask_BN.sum(1) if context_mask_BN is not None
-                   else torch.full((B,), N, device=context_BNC.device))
-        uncond_context_BNC, uncond_context_mask_BN = published_uncond_context(decoder, lengths)
-    uncond = decoder.condition(start_condition(decoder, sos, B, uncond=True), uncond_context_BNC,
-                               uncond_context_mask_BN, source_BLC=source_BLC)
-    return DecoderCondition.cat(cond, uncond)
 
 
 def scatter_gen_tokens(inputs_embeds_BSH: Tensor, input_ids_BS: Tensor, pad_id: int, tokens_BLH: Tensor) -> Tensor:
@@ -219,99 +164,22 @@ def teacher_forced_forward(decoder: VisualDecoder, projector_in: GenProjector, p
     return TeacherForcedOutput(hidden, logits)
 
 
-class LLMScaleHook:
-    """Per-scale hook putting the LLM between the decoder's input embedding and its blocks.
-
-    Rows ``[:B]`` are conditional: they continue ``cond_cache`` (which holds the prompt up to and including
-    ``<|image_gen_start|>``). With ``cond_attention_mask`` [B, S_cache] (left-padded prompts of different
-    lengths) explicit positions are used: each sample continues from its own number of real tokens. Without
-    it, positions continue from the cache length (the published behaviour, batch of equal lengths).
-    Rows ``[B:]`` (present when the batch is guided) follow ``uncond_mode`` (see the module docstring).
-    """
-
-    def __init__(self, llm: LLMForward, projector_in: GenProjector, projector_out: GenProjector, *,
-                 cond_cache: object, batch_size: int, cond_attention_mask: Tensor | None = None,
-                 uncond_mode: Literal["published", "cached"] = "published", uncond_cache: object | None = None,
-                 uncond_attention_mask: Tensor | None = None) -> None:
-        if uncond_mode not in ("published", "cached"):
-            raise InputError(f"uncond_mode must be 'published' or 'cached', got {uncond_mode!r}")
-        if uncond_mode == "cached" and uncond_cache is None:
-            raise InputError("uncond_mode='cached' needs an uncond_cache (an empty or pre-filled LLM cache)")
-        self.llm, self.projector_in, self.projector_out = llm, projector_in, projector_out
-        self.B = batch_size
-        self.uncond_mode = uncond_mode
-        self.streams = {"cond": [cond_cache, cond_attention_mask], "uncond": [uncond_cache, uncond_attention_mask]}
-
-    def _run_cached(self, name: str, x_BlH: Tensor) -> Tensor:
-        cache, mask = self.streams[name]
-        if mask is None:
-            return self.llm(x_BlH, cache=cache)
-        B, l = x_BlH.shape[:2]
-        ones = torch.ones(B, l, dtype=mask.dtype, device=mask.device)
-        start = mask.long().sum(1, keepdim=True)
-        positions = (start + torch.arange(l, device=mask.device)).unsqueeze(0).expand(3, -1, -1)
-        mask = torch.cat([mask, ones], dim=1)
-        self.streams[name][1] = mask
-        return self.llm(x_BlH, cache=cache, position_ids=positions, attention_mask=mask)
-
-    def __call__(self, scale_index: int, x_BlC: Tensor) -> Tensor:
-        h = self.projector_in(x_BlC)
-        outs = [self._run_cached("cond", h[: self.B])]
-        if h.shape[0] > self.B:
-            if self.uncond_mode == "published":
-                outs.append(self.llm(h[self.B:], cache=None))
-            else:
-                outs.append(self._run_cached("uncond", h[self.B:]))
-        return self.projector_out(torch.cat(outs, dim=0))
 
 
-@torch.no_grad()
-def sample_from_prompt(decoder: VisualDecoder, projector_in: GenProjector, projector_out: GenProjector,
-                       sos: SosEmbedding, llm: LLMForward, new_cache: Callable[[], object], inputs_embeds_BSH: Tensor,
-                       input_ids_BS: Tensor, schedule: Schedule, sampling: SamplingConfig | None = None, *,
-                       start_id: int, attention_mask_BS: Tensor | None = None, position_ids: Tensor | None = None,
-                       generator: torch.Generator | Sequence[torch.Generator] | None = None,
-                       uncond_mode: Literal["published", "cached"] = "published",
-                       uncond_inputs_embeds_BSH: Tensor | None = None, uncond_context_BNC: Tensor | None = None,
-                       uncond_context_mask_BN: Tensor | None = None, source_BLC: Tensor | None = None,
-                       return_logits: bool = False,
-                       callback: Callable[[int, Tensor], None] | None = None) -> ImageTokens:
-    """Image tokens for prompts that end with ``<|image_gen_start|>`` (left-padded), the LLM in the loop.
+def source_term(vae: BSQVAE, decoder: VisualDecoder, pixels_N3HW: Tensor, schedule: Schedule,
+                mask_N: Tensor | None = None) -> Tensor:
+    """The decoder's source term [N, L, C] of source images [N, 3, H, W] in [-1, 1] at the generation size: their
+    own multi-scale bits, encoded exactly like the targets' bit labels (clean, no self-correction), as +-1 through
+    ``vargpt_gen.source_embed``. ``mask_N``: False rows get zeros (their pixels are not encoded)."""
+    device = decoder.source_embed.weight.device
+    n, L = pixels_N3HW.shape[0], sum(t * h * w for t, h, w in schedule)
+    mask = (torch.ones(n, dtype=torch.bool) if mask_N is None else mask_N.bool()).to(device)
+    codes = torch.zeros(n, L, decoder.codebook_dim, device=device)
+    if bool(mask.any()):
+        codes[mask] = vae.encode(pixels_N3HW.to(device=device)[mask], schedule).labels_BLD.float() * 2 - 1
+    return decoder.source_tokens(codes, None if mask_N is None else mask)
 
-    1. The LLM runs over the prompts into a fresh cache (``new_cache()``); ``position_ids`` for this prefill
-       default to 0.. over each prompt's real tokens (pass M-RoPE positions for prompts with images).
-    2. Context = projected states of the tokens before ``<|image_gen_start|>``; conditions by
-       `generation_condition` (unconditional rows when any cfg != 1: the published ``cfg_uncond`` context
-       unless ``uncond_context_BNC`` is given).
-    3. `sample_image_tokens` with an `LLMScaleHook`: conditional rows continue the prompt cache (positions
-       continue from each prompt's length, as published); unconditional rows per ``uncond_mode``
-       (``"cached"``: a cache of their own, pre-filled with ``uncond_inputs_embeds_BSH`` if given).
 
-    ``source_BLC``: the source term of each prompt (editing, `VisualDecoder.source_tokens`), for both CFG rows;
-    the decoder adds its slice of scale k to that scale's block input (`VisualDecoder.forward_step`).
-    """
-    sampling = sampling or SamplingConfig()
-    B = input_ids_BS.shape[0]
-    last_real = input_ids_BS[:, -1]
-    if not bool((last_real == start_id).all()):
-        raise InputError("every prompt must end with <|image_gen_start|> (left-pad batches of different lengths)")
-    mask = attention_mask_BS
-    if mask is not None and bool(mask.all()):
-        mask = None
-    if position_ids is None and mask is not None:
-        position_ids = (mask.long().cumsum(1) - 1).clamp(min=0).unsqueeze(0).expand(3, -1, -1)
-    cache = new_cache()
-    hidden = llm(inputs_embeds_BSH, cache=cache, position_ids=position_ids, attention_mask=mask)
-    context, context_mask = prompt_context(hidden, input_ids_BS, start_id, projector_out, mask)
-    guided = any(c != 1 for c in per_scale(sampling.cfg, len(schedule), "cfg"))
-    cond = generation_condition(decoder, sos, context, context_mask, guided=guided,
-                                uncond_context_BNC=uncond_context_BNC, uncond_context_mask_BN=uncond_context_mask_BN,
-                                source_BLC=source_BLC)
-    uncond_cache = new_cache() if uncond_mode == "cached" else None  # stays empty when cfg is 1 at every scale
-    if guided and uncond_cache is not None:
-        if uncond_inputs_embeds_BSH is not None:
-            llm(uncond_inputs_embeds_BSH.expand(B, -1, -1), cache=uncond_cache)
-    hook = LLMScaleHook(llm, projector_in, projector_out, cond_cache=cache, cond_attention_mask=mask, batch_size=B,
-                        uncond_mode=uncond_mode, uncond_cache=uncond_cache)
-    return sample_image_tokens(decoder, cond, schedule, sampling, generator=generator, hook=hook,
-                               return_logits=return_logits, callback=callback)
+def null_prompt_ids(processor: VARGPTProcessor) -> list[int]:
+    """Ids of the null prompt (chat template, empty user message, default system), without the start token."""
+    return processor.encode(render_inference_prompt(""))

@@ -79,8 +79,8 @@ def check_model(model: str | Path, *, n: int = 16, seeds: tuple[int, ...] = (0,)
     pipe = VARGPTPipeline.from_pretrained(Path(model), device=device, dtype="fp32", progress=False)
     size = pipe.model.config.image_size
     t0 = time.perf_counter()
-    t2i = tasks.evaluate_t2i(pipe.model, tasks.t2i_cases(n), seeds=seeds, progress=False)
-    edit = tasks.evaluate_edit(pipe.model, tasks.edit_cases(n, size=size), seeds=seeds, progress=False)
+    t2i = tasks.evaluate_t2i(pipe.engine, tasks.t2i_cases(n), seeds=seeds, progress=False)
+    edit = tasks.evaluate_edit(pipe.engine, tasks.edit_cases(n, size=size), seeds=seeds, progress=False)
     vqa = tasks.evaluate_vqa(pipe, tasks.vqa_cases(n), progress=False)  # 64 px, as the understanding stage
     report = {"model": str(model), "n": n, "seeds": list(seeds), "size": size, "t2i": t2i["score"]["mean"],
               "t2i_by_category": t2i["by_group"], "edit": edit["score"]["mean"], "edit_satisfied":

@@ -37,9 +37,9 @@ from tqdm import tqdm
 
 from vargpt.config import SamplingConfig
 from vargpt.data.shapesworld import make_record
+from vargpt.engine import to_pil
 from vargpt.errors import InputError
 from vargpt.eval import tasks
-from vargpt.pipeline import to_pil
 from vargpt.training.checkpoint import atomic_write_bytes, atomic_write_json
 
 __all__ = ["PreferenceConfig", "build_preferences"]
@@ -68,9 +68,10 @@ def _judge(img: Any, prompt: str) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def build_preferences(model: Any, cfg: PreferenceConfig, *, sampling: SamplingConfig | None = None,
+def build_preferences(engine: Any, cfg: PreferenceConfig, *, sampling: SamplingConfig | None = None,
                       progress: bool = True) -> dict[str, Any]:
-    """Write on-policy DPO records for ``model`` (a `VARGPT`) under ``cfg.out``; returns the summary."""
+    """Write on-policy DPO records of the model behind ``engine`` (a `vargpt.engine.Engine`, or anything with its
+    ``generate_images`` and ``config``) under ``cfg.out``; returns the summary."""
     cfg.validate()
     out = Path(cfg.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -84,8 +85,8 @@ def build_preferences(model: Any, cfg: PreferenceConfig, *, sampling: SamplingCo
         recs = [make_record(i, split=cfg.split, seed=cfg.seed, size=cfg.size, tasks=("t2i",)) for i in idx]
         prompts = [r["messages"][0]["content"] for r, _ in recs]
         seeds = [cfg.seed * tasks.SEED_STRIDE + i * cfg.samples + j for i in idx for j in range(cfg.samples)]
-        images = to_pil(model.generate_images(prompts, n=cfg.samples, size=cfg.size, sampling=sampling,
-                                              seed=seeds).images)
+        images = to_pil(engine.generate_images(prompts, n=cfg.samples, size=cfg.size, sampling=sampling,
+                                               seed=seeds).images)
         for k, ((rec, truth), prompt) in enumerate(zip(recs, prompts, strict=True)):
             group = images[k * cfg.samples:(k + 1) * cfg.samples]
             judged = [_judge(im, prompt) for im in group]
@@ -118,7 +119,7 @@ def build_preferences(model: Any, cfg: PreferenceConfig, *, sampling: SamplingCo
         raise InputError(f"preferences: none of {cfg.n} prompts gave a pair (every sample "
                          f"{'passed' if counts['all_pass'] else 'was equally wrong'}); draw more --samples per prompt"
                          + ("" if cfg.render_chosen else " or pass --render-chosen"))
-    summary = {"config": asdict(cfg), "sampling": vars(sampling or model.config.sampling),
+    summary = {"config": asdict(cfg), "sampling": vars(sampling or engine.config.sampling),
                "sample_pass_rate": statistics.fmean(sample_scores), "pairs": pairs,
                "pairs_sample_chosen": counts["pairs_sample"], "pairs_render_chosen": counts["pairs_render"],
                "prompts_all_pass": counts["all_pass"], "prompts_none_pass": counts["none_pass"]}

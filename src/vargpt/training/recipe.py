@@ -85,12 +85,14 @@ STAGES: tuple[str, ...] = ("pretrain", "sft_understanding", "sft_gen", "sft_mixe
 class DataSource:
     """One JSONL (or JSON list) of records. ``weight``: how many times each record is drawn per epoch on average
     (2 = every record twice, 0.5 = a random half each epoch). ``tasks``: keep only these record tasks from this
-    source (default: ``data.tasks``), so one file can give edits and another the answers mixed in beside them."""
+    source (default: ``data.tasks``), so one file can give edits and another the answers mixed in beside them.
+    ``root``: the data root the records' images must stay under (default: the records file's directory)."""
 
     path: str
     format: Literal["chat", "released", "shapesworld"] = "chat"
     weight: float = 1.0
     tasks: list[str] | None = None
+    root: str | None = None  # the records' images must be under this directory (default: the records file's)
 
 
 @dataclass
@@ -379,6 +381,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: no such recipe file; see the recipes/ directory for examples") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); re-save the recipe as "
+                          "UTF-8") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; pass a recipe .yaml file") from None
     if d is None:
         d = {}
     if not isinstance(d, dict):

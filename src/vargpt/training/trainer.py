@@ -7,7 +7,8 @@ loop with gradient accumulation, logging, checkpoints. It runs on `accelerate.Ac
 runs on one CPU, one GPU, or many GPUs with DDP or FSDP, chosen by the accelerate config / launcher, not by the
 recipe.
 
-The model is anything that follows `TrainableModel`: an ``nn.Module`` with
+The model is `vargpt.models.vargpt.VARGPT` (its losses: `vargpt.training.objective`) or anything that follows
+`TrainableModel`: an ``nn.Module`` with
 
 * ``config`` — a `VARGPTConfig` (token ids, VAE stride, image-token padding: what the data side needs);
 * ``training_losses(batch) -> dict[str, Tensor]`` with a ``"loss"`` key (the other scalar entries are logged);
@@ -67,6 +68,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import functools
 import importlib
 import io
 import math
@@ -265,13 +267,18 @@ def lr_factor(step: int, total: int, *, kind: str, warmup_ratio: float, min_lr_r
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every RNG's state as plain data (numpy's key array as a tensor): checkpoints load with weights_only."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss,
+                                                   gauss),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(s: dict[str, Any]) -> None:
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    name, key, pos, has_gauss, gauss = s["numpy"]  # key: a tensor (an ndarray in checkpoints of earlier versions)
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(s["torch"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -281,17 +288,30 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
+def objective_of(model: nn.Module) -> tuple[Any, Any]:
+    """(losses(batch), image_logprobs(batch, average=...)) of a model: `vargpt.training.objective` for VARGPT, else
+    the model's own `TrainableModel` methods (None where it has none)."""
+    from vargpt.models.vargpt import VARGPT
+
+    if isinstance(model, VARGPT):
+        from vargpt.training import objective
+
+        return functools.partial(objective.training_losses, model), functools.partial(objective.image_logprobs, model)
+    return getattr(model, "training_losses", None), getattr(model, "image_logprobs", None)
+
+
 class _Step(nn.Module):
-    """What accelerate wraps: DDP/FSDP only hook ``forward``, so the protocol's methods are dispatched from it."""
+    """What accelerate wraps: DDP/FSDP only hook ``forward``, so the objective is dispatched from it."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self._losses, self._logprobs = objective_of(model)
 
     def forward(self, batch: dict[str, Any], kind: str = "losses", average: bool = False) -> Any:
         if kind == "losses":
-            return self.model.training_losses(batch)
-        return self.model.image_logprobs(batch, average=average)
+            return self._losses(batch)
+        return self._logprobs(batch, average=average)
 
 
 class _Metrics:
@@ -364,7 +384,7 @@ def train(recipe: Recipe, *, resume: bool = False, device: str = "auto") -> Trai
     # ---- data records (before the model: a bad file fails fast)
     sources = []
     for i, src in enumerate(recipe.data.sources):
-        recs = read_records(src.path, src.format)
+        recs = read_records(src.path, src.format, root=src.root)
         for r in recs:
             r.id = f"{i}:{r.id}"
         tasks = src.tasks if src.tasks is not None else recipe.data.tasks
@@ -378,8 +398,8 @@ def train(recipe: Recipe, *, resume: bool = False, device: str = "auto") -> Trai
     # ---- model, freezing
     set_seed(recipe.seed)
     model = build_model(recipe)
-    for method in ("training_losses",) + (("image_logprobs",) if dpo else ()):
-        if not callable(getattr(model, method, None)):
+    for method, fn in zip(("training_losses", "image_logprobs")[:1 + dpo], objective_of(model), strict=False):
+        if not callable(fn):
             raise ConfigError(f"the model ({type(model).__name__}) has no {method}(batch); the trainer needs it")
     modules = trainable_modules(recipe)
     counts = apply_freezing(model, modules)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from vargpt.config import VAEConfig, get_preset
 from vargpt.errors import CheckpointError, InputError
+from vargpt.imageio import load_image as read_image
 from vargpt.models.quantizer import bsq_losses
 from vargpt.models.vae import BSQVAE
 from vargpt.runtime import resolve_device, resolve_dtype
@@ -134,16 +135,15 @@ def find_images(root: str | Path) -> list[Path]:
 
 def load_image(path: Path, size: int) -> Tensor:
     """uint8 [3, size, size]: shorter side resized to ``size`` (bicubic), centre crop."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    im = read_image(path)  # any mode -> 8-bit RGB, or a one-line InputError
+    w, h = im.size
+    if (w, h) != (size, size):
+        s = size / min(w, h)
+        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
         w, h = im.size
-        if (w, h) != (size, size):
-            s = size / min(w, h)
-            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-            w, h = im.size
-            left, top = (w - size) // 2, (h - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
 
 class ImageSet:

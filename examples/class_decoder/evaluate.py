@@ -1,6 +1,6 @@
 """How often a trained class-conditional decoder draws the requested shape AND colour (ShapesWorld checker).
 
-For each class ("<colour> <shape>", or "<shape>") of a `vargpt.training.class_decoder` model, draw N samples with
+For each class ("<colour> <shape>", or "<shape>") of a `examples.class_decoder.train` model, draw N samples with
 fixed per-sample seeds (sample j of class c uses seed ``seed * 1_000_003 + c * 1000 + j``, the same under every
 setting), decode them with the VAE, parse them with `vargpt.eval.checker.parse_scene` and count a sample correct
 iff the parsed scene has exactly one object whose shape (and colour, for shape x colour classes) equal the
@@ -8,8 +8,8 @@ class. Every (cfg, tau) pair of ``--cfg`` x ``--tau`` is one setting. ``--recon`
 reconstructions of N rendered scenes per class (random cell, size, background): the ceiling the decoder's
 samples inherit from the VAE, split by object size.
 
-    python benchmarks/class_decoder_eval.py --model runs/cls/model --vae runs/vae64 --samples-per-class 10 \
-        --json benchmarks/class_decoder_eval.json --cfg 3 --tau 0.5 --recon
+    python -m examples.class_decoder.evaluate --model runs/cls/model --vae runs/vae64 --samples-per-class 10 \
+        --json runs/cls/eval.json --cfg 3 --tau 0.5 --recon
 
 Not a test: writes a JSON report (overall / per-shape / per-colour accuracy and failure kinds per setting)
 and a PNG grid per setting (rows: shapes x first 4 samples, columns: colours; red frame = not correct).
@@ -24,16 +24,16 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from examples.class_decoder.model import ClassConditionalDecoder
+from examples.class_decoder.train import make_class_images
 from PIL import Image, ImageDraw
 
 from vargpt.config import DecoderConfig, SamplingConfig
 from vargpt.data.scene import COLOURS, SHAPES
 from vargpt.eval.checker import parse_scene
-from vargpt.models.class_decoder import ClassConditionalDecoder
 from vargpt.models.vae import BSQVAE
 from vargpt.scales import schedule_for_size
 from vargpt.training.checkpoint import load_model_dir
-from vargpt.training.class_decoder import make_class_images
 from vargpt.training.vae import load_vae
 
 
@@ -137,7 +137,7 @@ def main() -> None:
     for cfg in args.cfg:
         for tau in args.tau:
             t0 = time.time()
-            sampling = SamplingConfig(cfg=cfg, tau=tau, top_k=args.top_k, top_p=args.top_p)
+            sampling = SamplingConfig(cfg_scale=cfg, tau=tau, top_k=args.top_k, top_p=args.top_p)
             pics = []
             for i in range(0, len(labels), args.batch):
                 lab = torch.tensor(labels[i:i + args.batch])

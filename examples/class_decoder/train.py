@@ -18,7 +18,7 @@ With ``vae=None`` a randomly initialised VAE is used: the decoder still learns (
 function of the image) and the run exercises every step, but the sample picture is meaningless; pass a
 trained VAE (``vargpt train vae`` output) for real images.
 
-Run: ``python -m vargpt.training.class_decoder --out runs/cls --steps 2000``.
+Run: ``python -m examples.class_decoder.train --out runs/cls --steps 2000``.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from typing import Literal
 
 import numpy as np
 import torch
+from examples.class_decoder.model import ClassConditionalDecoder
 from PIL import Image
 
 from vargpt.config import SamplingConfig, SelfCorrectionConfig, get_preset
 from vargpt.data.scene import BACKGROUNDS, COLOURS, SHAPES, Scene, random_object, render
-from vargpt.models.class_decoder import ClassConditionalDecoder
 from vargpt.models.quantizer import multiscale_bits
 from vargpt.models.vae import BSQVAE
 from vargpt.runtime import resolve_device
@@ -206,7 +206,7 @@ def train_class_decoder(cfg: ClassDecoderTrainConfig) -> dict[str, float]:
     save_model_dir(out / "model", model.state_dict(), config)
     shown = torch.arange(min(len(names), 10), device=device)
     gens = [torch.Generator(device=device).manual_seed(cfg.seed + i) for i in range(len(shown))]
-    sample = model.sample(shown, schedule, SamplingConfig(cfg=3.0, tau=1.0, top_k=0, top_p=0.0), generator=gens)
+    sample = model.sample(shown, schedule, SamplingConfig(cfg_scale=3.0, tau=1.0, top_k=0, top_p=0.0), generator=gens)
     pics = ((vae.decode(sample.summed_codes_BDHW) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
     Image.fromarray(torch.cat(list(pics), dim=2).permute(1, 2, 0).numpy()).save(out / "samples.png")
     return {"loss": float(ema_loss), "bit_accuracy": float(ema_acc)}

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vargpt.config import DecoderConfig, SamplingConfig
+from vargpt.engine.loop import ImageTokens, per_scale, sample_image_tokens
 from vargpt.errors import ConfigError, InputError
 from vargpt.models.quantizer import MultiScaleTokens
 from vargpt.models.visual_decoder import DecoderCondition, VisualDecoder
-from vargpt.sampling.image import ImageTokens, per_scale, sample_image_tokens
 from vargpt.scales import Schedule
 
 __all__ = ["ClassConditionalDecoder", "ClassLoss"]
@@ -82,8 +82,8 @@ class ClassConditionalDecoder(nn.Module):
     @torch.no_grad()
     def sample(self, labels_B: Tensor, schedule: Schedule, sampling: SamplingConfig | None = None, *,
                generator: torch.Generator | list[torch.Generator] | None = None) -> ImageTokens:
-        sampling = sampling or SamplingConfig(cfg=3.0, tau=1.0, top_k=0, top_p=0.0)
+        sampling = sampling or SamplingConfig(cfg_scale=3.0, tau=1.0, top_k=0, top_p=0.0)
         cond = self.condition(labels_B)
-        if any(c != 1 for c in per_scale(sampling.cfg, len(schedule), "cfg")):
+        if any(c != 1 for c in per_scale(sampling.cfg_scale, len(schedule), "cfg_scale")):
             cond = DecoderCondition.cat(cond, self.condition(torch.full_like(labels_B, self.num_classes)))
         return sample_image_tokens(self.decoder, cond, schedule, sampling, generator=generator)

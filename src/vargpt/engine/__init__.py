@@ -1,0 +1,7 @@
+"""Inference: `Engine` (prompts -> images and text) over a `VARGPT`, its per-scale loop (`vargpt.engine.loop`) and
+the bit samplers (`vargpt.engine.bits`)."""
+
+from vargpt.engine.engine import Engine, GeneratedImages, PromptBatch, to_pil
+from vargpt.engine.loop import GenerationInterrupted, ImageTokens
+
+__all__ = ["Engine", "GeneratedImages", "GenerationInterrupted", "ImageTokens", "PromptBatch", "to_pil"]

@@ -1,1 +1,0 @@
-"""Sampling: pure functions (CFG mix, top-k/top-p, bit sampling) and the generation loops."""
