@@ -49,6 +49,12 @@ from typing import Any
 
 import torch
 
+if __name__ == "__main__":
+    # Run as a script, Python puts this file's folder (src/vargpt) first on sys.path, where our imageio.py would
+    # shadow the `imageio` package that the published VAE imports.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
 RANDOM_BLOCK = 1_000_003  # prime: the tiled random values never line up with a tensor's rows
 FROZEN_TIME = 1234.567  # time.time() during the published generate -> its sampler seed int(t * 1000) = 1234567
 _MISSING = object()
