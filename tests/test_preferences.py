@@ -21,18 +21,22 @@ class ScriptedModel:
     """Draws the faithful render of each prompt's scene where ``passes(j)`` (j = sample index within the prompt),
     an empty background otherwise: a generator whose checker verdicts the test knows in advance."""
 
-    def __init__(self, split: str, seed: int, size: int, passes) -> None:
+    def __init__(self, split: str, seed: int, size: int, passes, categories=None) -> None:
         self.split, self.seed, self.size, self.passes = split, seed, size, passes
         self.config = SimpleNamespace(sampling=SamplingConfig())
         self.prompt_index = 0
+        self.categories = categories
 
     def generate_images(self, prompts, *, n, size, sampling, seed):
         assert len(seed) == len(prompts) * n and size == self.size
         out = []
         for p in prompts:
-            rec, imgs = make_record(self.prompt_index, split=self.split, seed=self.seed, size=size, tasks=("t2i",))
+            while True:  # the next record of the asked categories
+                rec, imgs = make_record(self.prompt_index, split=self.split, seed=self.seed, size=size, tasks=("t2i",))
+                self.prompt_index += 1
+                if self.categories is None or rec["meta"]["category"] in self.categories:
+                    break
             assert rec["messages"][0]["content"] == p
-            self.prompt_index += 1
             good = np.asarray(imgs[rec["images"][0]], dtype=np.float32)
             blank = np.full_like(good, 255.0)
             out += [good if self.passes(j) else blank for j in range(n)]
@@ -55,6 +59,17 @@ def test_pairs_passing_against_failing_samples(tmp_path):
         assert score_prompt(parse_scene(rejected), prompt).score == 0.0
     raw = json.loads((tmp_path / "records.jsonl").read_text().splitlines()[0])
     assert raw["meta"]["sample_scores"] == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_categories_keep_only_their_prompts(tmp_path):
+    model = ScriptedModel("train", 0, 64, passes=lambda j: j == 0, categories=("position", "counting"))
+    summary = build_preferences(model, PreferenceConfig(out=str(tmp_path), n=6, samples=2, batch=4,
+                                                        categories=("position", "counting")), progress=False)
+    assert summary["pairs"] == 6
+    cats = [json.loads(line)["meta"]["category"] for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert set(cats) == {"position", "counting"}
+    with pytest.raises(InputError, match="unknown or no prompt categories.*bogus"):
+        PreferenceConfig(out=str(tmp_path), categories=("position", "bogus")).validate()
 
 
 def test_no_contrast_gives_no_pair_unless_the_render_is_chosen(tmp_path):

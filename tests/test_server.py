@@ -1,10 +1,12 @@
 """`vargpt serve`: live servers on 127.0.0.1 over the embedded default model, driven by the real `openai` client
 (chat, streamed chat, generation, edits, models) and by raw HTTP for every bad request (status, OpenAI-style JSON
 error body, and the server still answering afterwards); concurrent generations are batched; a queue that is full
-answers 503; a failing generation fails only its own request."""
+answers 503; a failing generation fails only its own request; a short soak (benchmarks/soak.py runs the long one):
+no errors below capacity, only 503s above it, and clients that hang up cancel their queued jobs."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import logging
@@ -12,6 +14,7 @@ import re
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -24,6 +27,7 @@ import pytest
 import uvicorn
 from PIL import Image
 
+from serve_load import below_capacity, burst, hang_up_while_busy, health, summary, wait_for
 from vargpt.pipeline import VARGPTPipeline
 from vargpt.server import ServerSettings, create_app, group_jobs
 
@@ -305,6 +309,45 @@ def test_full_queue_is_503_and_a_failure_in_a_batch_stays_with_its_request(pipe)
         assert gated.calls[1] == ["boom", "ok"]  # batched, then each alone
         assert sorted(gated.calls[2:]) == [["boom"], ["ok"]]
         assert_alive(url)
+
+
+# ----------------------------------------------------------------------------------------------- load (short soak)
+
+
+def test_short_soak_below_capacity_serves_everything(url):
+    before = health(url)
+    s = summary(asyncio.run(below_capacity(url, clients=2, seconds=3, model="vargpt-tiny", chat_every=2)))
+    assert s["errors_by_status"] == {} and s["served"] == s["requests"] >= 2, s
+    assert set(s["by_kind"]) == {"image", "chat"}, s  # client 1 starts with a chat
+    after = health(url)
+    assert (after["rejected"], after["cancelled"]) == (before["rejected"], before["cancelled"])
+
+
+def test_burst_over_the_queue_gets_503s_with_retry_after_and_no_other_error(pipe):
+    gated = GatedPipeline(pipe)
+    with live_server(create_app(gated, ServerSettings(queue_size=4))) as url, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(gen, url, prompt="first")
+        assert gated.entered.wait(30)  # the engine holds "first": the queue takes exactly 4 of the burst
+        outcomes = pool.submit(asyncio.run, burst(url, 10, "vargpt-tiny"))
+        assert wait_for(url, lambda h: h["rejected"] == 6)["rejected"] == 6
+        gated.gate.set()
+        assert Counter(o.status for o in outcomes.result()) == {200: 4, 503: 6}
+        assert {o.retry_after for o in outcomes.result() if o.status == 503} == {"1"}
+        assert first.result().status_code == 200
+
+
+def test_clients_that_hang_up_cancel_their_queued_jobs(pipe, caplog):
+    gated = GatedPipeline(pipe)
+    with live_server(create_app(gated, ServerSettings())) as url, ThreadPoolExecutor(1) as pool:
+        first = pool.submit(gen, url, prompt="first")
+        assert gated.entered.wait(30)  # the engine is busy: the next requests wait in the queue
+        assert hang_up_while_busy(url, 2, "vargpt-tiny") == 2
+        gated.gate.set()
+        assert first.result().status_code == 200 and gen(url, prompt="after").status_code == 200
+        assert gated.calls == [["first"], ["after"]]  # the hung-up requests never reached the pipeline
+        h = health(url)
+        assert (h["cancelled"], h["image_requests"], h["queued"]) == (2, 2, 0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text  # a hang-up is no crash
 
 
 # ----------------------------------------------------------------------------------------------- API key

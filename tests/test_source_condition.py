@@ -1,7 +1,8 @@
 """Optional source conditioning of the visual decoder for editing (``decoder.source_condition``, VAREdit-style):
 off by default and in the released layout; zero-initialised (a model that turns it on starts equal to one without
-it); the source's scale-k bits sit at the positions predicting scale k; training batches carry the source of edit
-rows only; both CFG rows of sampling get it; checkpoints keep it."""
+it); the source's scale-k bits sit at the positions predicting scale k (and, with source_copy, reach the bit logits
+directly); training batches carry the source of edit rows only; both CFG rows of sampling get it; checkpoints keep
+it; the residual source input is the same in training and sampling."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from vargpt.data.records import Collator, RecordDataset, gen_image_tensor, read_
 from vargpt.data.shapesworld import make_record
 from vargpt.engine import Engine
 from vargpt.engine.loop import sample_image_tokens
-from vargpt.errors import InputError
+from vargpt.errors import ConfigError, InputError
 from vargpt.models.generation import source_term
 from vargpt.models.vargpt import VARGPT
 from vargpt.models.visual_decoder import DecoderCondition, VisualDecoder
@@ -278,7 +279,7 @@ def test_source_codes_sit_at_the_positions_predicting_their_scale(models, record
 def _decoder() -> VisualDecoder:
     torch.manual_seed(0)
     cfg = DecoderConfig(depth=2, embed_dim=64, num_heads=2, block_chunks=1, text_channels=64, text_maxlen=32,
-                        drop_path_rate=0.0, source_condition=True)
+                        drop_path_rate=0.0, source_condition=True, source_copy=True)
     dec = VisualDecoder(cfg, codebook_dim=8).eval()
     with torch.no_grad():
         for p in dec.parameters():
@@ -300,7 +301,10 @@ def test_decoder_adds_the_source_term_to_the_block_input_of_each_scale():
     with_src = dataclasses.replace(plain, source_BLC=term)
     x = torch.randn(2, L, 64, generator=g)
     full = dec.forward_train(x, with_src, sched)
-    torch.testing.assert_close(full, dec.forward_train(x + term, plain, sched))
+    half = 0.5 * term @ dec.source_copy.weight.T  # and, straight to the logits, source_copy of the term
+    copy = torch.stack([-half, half], dim=-1).flatten(-2)
+    assert copy[0].abs().sum() > 0 and not copy[1].any()
+    torch.testing.assert_close(full, dec.forward_train(x + term, plain, sched) + copy)
     cache, start = dec.new_cache(2, sched), 0
     for k, (_, h, w) in enumerate(sched):  # the KV-cached step adds exactly its scale's slice
         step = dec.forward_step(x[:, start:start + h * w], with_src, sched, k, cache)
@@ -342,3 +346,83 @@ def test_checkpoints_keep_the_flag_and_weights_and_old_weights_start_at_zero(mod
     model = build_model(recipe)
     assert model.config.decoder.source_condition and model.vargpt_gen.cfg.source_condition
     assert not model.vargpt_gen.source_embed.weight.any()
+
+
+# ----------------------------------------------------------------------------------------------- residual source input
+
+RES = dataclasses.replace(CFG, decoder=dataclasses.replace(CFG.decoder, source_condition=True, source_input="residual",
+                                                          source_copy=True))
+
+
+def test_source_input_is_validated():
+    with pytest.raises(ConfigError, match="source_input"):
+        dataclasses.replace(CFG.decoder, source_input="pixels").validate()
+
+
+@torch.no_grad()
+def test_residual_of_an_unchanged_picture_is_its_labels():
+    """source == target: at every scale the residual source term points where the labels do (its signs are the
+    bits the scale must draw), also with self-correction's corrupted running sums."""
+    from vargpt.config import SelfCorrectionConfig
+    from vargpt.models.quantizer import multiscale_bits, source_residual
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 8, 8, 8, generator=g)
+    sched = schedule_for_grid(8, 8)
+    for sc in (None, SelfCorrectionConfig(strength=0.3)):
+        tok = multiscale_bits(z, sched, self_correction=sc, generator=torch.Generator().manual_seed(1), source_BDHW=z)
+        assert torch.equal((tok.source_BLD > 0).to(torch.uint8), tok.labels_BLD)
+    assert multiscale_bits(z, sched).source_BLD is None
+    r = source_residual(z, torch.zeros_like(z), (2, 2))
+    assert r.shape == (3, 4, 8) and torch.allclose(r.norm(dim=-1), torch.full((3, 4), 8**0.5))
+
+
+@torch.no_grad()
+def test_residual_source_term_is_the_same_in_training_and_sampling(records):
+    """Teacher-forced training and the sampling loop (fed the target's bits) build the same per-scale source term,
+    so the decoder sees in sampling what it was trained on; t2i rows of a batch get none."""
+    torch.manual_seed(0)
+    model = VARGPT(RES).eval()
+    batch = Collator(model.require_processor())([_dataset(model, records)[i] for i in (0, 1)])
+    with _embed(model) as emb, _capture(model.vargpt_gen, "forward_train") as trained:
+        objective.teacher_forced(model, batch)
+        term = trained[0].source_BLC
+        assert term[0].abs().sum() > 0 and not term[1].any()
+        schedule = _schedule(model)
+        tokens = model.vae_local.encode(batch["gen_pixel_values"][:1], schedule,
+                                        source=batch["gen_source_pixel_values"][:1])
+        src, _, _ = _edit(records)
+        latent = model.vae_local.encode_latent(batch["gen_source_pixel_values"][:1])
+        dec = model.vargpt_gen
+        cond = dec.condition(dec.encode_condition(torch.randn(1, 1, RES.decoder.text_channels)),
+                             torch.randn(1, 2, RES.decoder.embed_dim))
+        with _capture(dec, "forward_step") as steps:
+            sample_image_tokens(dec, DecoderCondition.cat(cond, cond), schedule, SamplingConfig(cfg_scale=2.0),
+                                teacher_bits=tokens.bits, source_latent=latent,
+                                generator=torch.Generator().manual_seed(0))
+        sampled = steps[-1].source_BLC
+        assert sampled.shape[0] == 2 and torch.equal(sampled[0], sampled[1])  # both CFG rows
+        # the training sums add straight-through codes, the loop codes rebuilt from bits: equal up to fp32 rounding,
+        # which normalising a small residual amplifies
+        torch.testing.assert_close(sampled[:1], term[:1], atol=1e-4, rtol=1e-4)
+        # the engine's edit path hands the loop the source latent
+        out = Engine(model).edit_images([src], ["Remove the circle."], size=SIZE, seed=0)
+        assert out.images.shape[0] == 1
+        assert emb.weight.abs().sum() > 0
+
+
+def test_labels_keep_the_source_latent_where_the_edit_leaves_the_picture():
+    """Positions whose patch and neighbours are unchanged take the source's latent (so an edit's labels there are
+    what the source implies); positions near a change keep the target's."""
+    from vargpt.models.vae import keep_unchanged
+
+    g = torch.Generator().manual_seed(0)
+    src_px = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    tgt_px = src_px.clone()
+    tgt_px[:, :, 0:4, 0:4] = 1.0  # a change inside patch (0, 0) of an 8-pixel stride
+    z_src, z_tgt = torch.randn(2, 1, 5, 4, 4, generator=g)
+    mixed = keep_unchanged(z_tgt, z_src, tgt_px, src_px, 8)
+    near = torch.zeros(4, 4, dtype=torch.bool)
+    near[:2, :2] = True  # the changed patch and its neighbours
+    assert torch.equal(mixed[0][:, near], z_tgt[0][:, near]) and torch.equal(mixed[0][:, ~near], z_src[0][:, ~near])
+    assert torch.equal(keep_unchanged(z_tgt, z_src, src_px, src_px, 8), z_src)

@@ -11,6 +11,7 @@ from PIL import Image
 from vargpt.cli import main
 from vargpt.errors import CheckpointError, InputError
 from vargpt.eval.vae import bit_usage, evaluate_vae, psnr_ssim
+from vargpt.models.vae import BSQVAE
 from vargpt.training.checkpoint import (
     atomic_write_json,
     latest_checkpoint,
@@ -112,6 +113,33 @@ def test_init_starts_from_earlier_weights_and_refuses_other_sizes(tmp_path):
     with pytest.raises(CheckpointError, match="differ from this run's"):
         train_vae(_cfg(tmp_path, data, steps=1, out=str(tmp_path / "d"), init=str(first.out),
                        vae_overrides={"base_ch": 64}))
+
+
+def test_decoder_only_keeps_the_codes_and_may_add_refinement(tmp_path):
+    """``--decoder-only`` over an earlier run: encoder and quantiser untouched (every code stays), the decoder trains,
+    and it may gain full-resolution refinement blocks, which start at zero (the same pictures at step 0)."""
+    data = _write_images(tmp_path / "imgs")
+    patch = {"arch": "patch", "patch_size": 4, "base_ch": 32, "codebook_dim": 8, "num_res_blocks": 1}
+    first = train_vae(_cfg(tmp_path, data, steps=5, out=str(tmp_path / "a"), vae_overrides=patch))
+    refine = {**patch, "refine_blocks": 1}
+    second = train_vae(_cfg(tmp_path, data, steps=5, out=str(tmp_path / "b"), init=str(first.out),
+                            decoder_only=True, vae_overrides=refine))
+    a, b = load_vae(first.out)[0], load_vae(second.out)[0]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if not k.startswith("decoder."))
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa if k.startswith("decoder."))
+    assert {k for k in sb if k not in sa} and all(k.startswith("decoder.refine.") for k in sb if k not in sa)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(a.encode(x).labels_BLD, b.encode(x).labels_BLD)
+        fresh = BSQVAE(b.cfg)  # the first run's weights + fresh refinement blocks: the first run's pictures
+        missing, _ = fresh.load_state_dict(sa, strict=False)
+        assert missing and all(k.startswith("decoder.refine.") for k in missing)
+        torch.testing.assert_close(fresh.decode(a.quantize(x).quantized_BDHW), a.decode(a.quantize(x).quantized_BDHW))
+    with pytest.raises(InputError, match="decoder_only.*init"):
+        _cfg(tmp_path, data, decoder_only=True).validate()
+    with pytest.raises(CheckpointError, match="refine_blocks"):  # a new decoder shape needs --decoder-only
+        train_vae(_cfg(tmp_path, data, steps=1, out=str(tmp_path / "c"), init=str(first.out), vae_overrides=refine))
 
 
 def test_time_budget_keeps_the_plan_when_it_fits_and_stops_when_it_does_not(tmp_path):

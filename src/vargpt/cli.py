@@ -104,6 +104,9 @@ def data_preferences(
     batch: Annotated[int, typer.Option("--batch", min=1, help="Images per generation call.")] = 32,
     render_chosen: Annotated[bool, typer.Option("--render-chosen", help="Where no sample passes, use the "
                                                 "faithful render as the chosen image.")] = False,
+    categories: Annotated[str | None, typer.Option("--categories", help="Comma-separated prompt categories to "
+                                                   "keep, e.g. position,counting (default: all).")] = None,
+    tau: Annotated[float | None, typer.Option("--tau", help="Sampling temperature (default: the model's).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """On-policy DPO pairs: the model's passing vs failing samples on ShapesWorld prompts, judged by the checker."""
@@ -112,7 +115,9 @@ def data_preferences(
     pipe = _pipeline(model, device, "auto")
     summary = build_preferences(pipe.engine, PreferenceConfig(
         out=str(out), n=n, samples=samples, size=size, split=split, seed=seed, batch=batch,
-        render_chosen=render_chosen), sampling=pipe.sampling_config(cfg))
+        render_chosen=render_chosen,
+        categories=tuple(c.strip() for c in categories.split(",") if c.strip()) if categories is not None else None),
+        sampling=pipe.sampling_config(cfg, tau=tau))
     typer.echo(json.dumps({k: v for k, v in summary.items() if k not in ("config", "sampling")}))
 
 
@@ -217,6 +222,8 @@ def train_vae_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
     init: Annotated[Path | None, typer.Option("--init", help="Start from the weights of an earlier run "
                                               "(its OUT or OUT/model); fresh optimiser and schedule.")] = None,
+    decoder_only: Annotated[bool, typer.Option("--decoder-only", help="With --init: train only the decoder, so the "
+                                               "codes (and models trained on them) stay valid.")] = False,
     max_minutes: Annotated[float | None, typer.Option("--max-minutes", help="Shrink --steps to fit this time.")] = None,
     crop: Annotated[int | None, typer.Option("--crop", help="Train on random CROP x CROP windows (a multiple of "
                                              "the VAE stride): cheaper steps; finish at full size with --init.")
@@ -251,7 +258,8 @@ def train_vae_cmd(
                                    edge_weight=edge_weight,
                                    device=device, dtype=dtype, ckpt_every=ckpt_every, keep_last=keep_last,
                                    seed=seed, resume=resume, init=str(init) if init else None,
-                                   max_minutes=max_minutes, crop=crop, vae_overrides=overrides or None))
+                                   max_minutes=max_minutes, crop=crop, vae_overrides=overrides or None,
+                                   decoder_only=decoder_only))
     typer.echo(json.dumps({"out": str(res.out), "steps": res.steps, "final_loss": res.final_loss,
                            "final_train_psnr_db": res.final_psnr_db, "seconds": round(res.seconds, 1)}))
 

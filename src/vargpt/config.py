@@ -54,9 +54,14 @@ class VisionConfig:
     spatial_merge_size: int = 2
     in_channels: int = 3
     hidden_act: str = "quick_gelu"
+    # Not in the released layout: learned row and column embeddings (zero-initialised) added to each merged image
+    # token, so the LLM reads where a token is from its features (`ImagePlaceEmbedding`); 0 = off, else the largest
+    # merged grid side they cover.
+    place_embed: int = 0
 
     def validate(self) -> None:
         s = "vision"
+        _check(self.place_embed >= 0, s, "place_embed", self.place_embed, "0 (off) or the largest merged grid side")
         _positive(s, depth=self.depth, embed_dim=self.embed_dim, hidden_size=self.hidden_size,
                   num_heads=self.num_heads, patch_size=self.patch_size,
                   temporal_patch_size=self.temporal_patch_size, spatial_merge_size=self.spatial_merge_size)
@@ -140,6 +145,11 @@ class VAEConfig:
     norm_groups: int = 32
     arch: Literal["conv", "patch"] = "conv"
     patch_size: int = 8  # arch "patch" only: pixels per latent position
+    # arch "patch" only: ResnetBlocks at full resolution after the patch decoder (its picture + its per-pixel
+    # features in, a residual correction out, zero-initialised): sharper small shapes; the encoder is unchanged, so
+    # a decoder with them can be trained over an existing VAE's codes (`vargpt train vae --decoder-only`)
+    refine_blocks: int = 0
+    refine_ch: int = 32
 
     @property
     def stride(self) -> int:
@@ -153,7 +163,12 @@ class VAEConfig:
         _check(len(self.ch_mult) >= 1 and all(isinstance(m, int) and m > 0 for m in self.ch_mult), s,
                "ch_mult", self.ch_mult, "a non-empty list of positive integers")
         _check(self.arch in ("conv", "patch"), s, "arch", self.arch, "conv or patch")
-        _positive(s, patch_size=self.patch_size)
+        _positive(s, patch_size=self.patch_size, refine_ch=self.refine_ch)
+        _check(self.refine_blocks >= 0, s, "refine_blocks", self.refine_blocks, "0 or more")
+        _check(self.refine_blocks == 0 or self.arch == "patch", s, "refine_blocks", self.refine_blocks,
+               "0 unless arch is patch")
+        _check(self.refine_blocks == 0 or self.refine_ch % self.norm_groups == 0, s, "refine_ch", self.refine_ch,
+               f"a multiple of norm_groups ({self.norm_groups})")
         for m in self.ch_mult if self.arch == "conv" else (1,):
             _check((self.base_ch * m) % self.norm_groups == 0, s, "base_ch", self.base_ch,
                    f"base_ch * every ch_mult a multiple of norm_groups ({self.norm_groups})")
@@ -191,9 +206,15 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     rope_max_grid: int = 128  # largest grid the 2-D RoPE table covers (released: 2048/16)
     gradient_checkpointing: bool = False
-    # Editing: the source image's own multi-scale codes are added (``source_embed``, zero-initialised) to the block
-    # input of the positions predicting each scale (VAREdit-style). Not in the released layout.
+    # Editing: a term of the source image is added (``source_embed``, zero-initialised) to the block input of the
+    # positions predicting each scale (VAREdit-style). Not in the released layout. ``source_input``: "bits" = the
+    # source's own multi-scale bits; "residual" = the source latent minus the running sum of the image drawn so far,
+    # at each scale's grid (what the scale must add to keep the source: right even after a coarse scale differs), and
+    # training labels built from the target latent with the source's wherever the edit leaves the picture
+    # (`vargpt.models.vae.keep_unchanged`). ``source_copy``: the term also reaches the bit logits directly.
     source_condition: bool = False
+    source_input: str = "bits"
+    source_copy: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -220,6 +241,8 @@ class DecoderConfig:
         _check(0.0 <= self.cond_drop_rate < 1.0, s, "cond_drop_rate", self.cond_drop_rate, "[0, 1)")
         _check(self.ffn_hidden > 0, s, "mlp_ratio", self.mlp_ratio, "a value with embed_dim * mlp_ratio >= 128")
         _check(isinstance(self.source_condition, bool), s, "source_condition", self.source_condition, "true or false")
+        _check(self.source_input in ("bits", "residual"), s, "source_input", self.source_input, "bits or residual")
+        _check(isinstance(self.source_copy, bool), s, "source_copy", self.source_copy, "true or false")
 
 
 @dataclass

@@ -17,7 +17,9 @@ takes everything queued, groups text-to-image jobs with the same (size, cfg) int
 generator per image, so a batched image equals the one a lone request gets), and runs edits and chats one by one
 (the pipeline edits one image per call). Inputs are validated in the request handler before queueing, so a bad
 request never reaches the engine; if a batched call still raises, each of its jobs is retried alone so only the
-culprit gets the 500.
+culprit gets the 500. A client that disconnects before the engine starts its job cancels it: the engine skips it
+(counted as ``cancelled`` in /health). A job the engine has started runs to the end and its answer is dropped (the
+pipeline has no way to stop mid-call); a cancelled job keeps its queue slot until the engine next takes the queue.
 
 Not here: ``response_format: "url"`` (there is nowhere to host files), masks for edits, tool calls, usage counts.
 """
@@ -40,7 +42,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from fastapi import FastAPI, Request
@@ -75,6 +77,7 @@ BATCH_WINDOW_S = 0.025  # after the first job arrives, wait this long for others
 RETRY_AFTER_S = 1
 
 Size = tuple[int, int]  # (height, width) in pixels, the pipeline's order
+JobState = Literal["queued", "running", "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,7 @@ class ImageJob:
     cfg_scale: float | None
     source: Image.Image | None = None
     channel: Channel = field(default_factory=Channel)
+    state: JobState = "queued"
 
     @property
     def batch_key(self) -> tuple[Any, ...] | None:
@@ -172,6 +176,7 @@ class ChatJob:
     seed: int
     stream: bool
     channel: Channel = field(default_factory=Channel)
+    state: JobState = "queued"
 
 
 Job = ImageJob | ChatJob
@@ -196,13 +201,16 @@ def group_jobs(jobs: Sequence[Job], max_images: int) -> list[list[Job]]:
 
 @dataclass
 class EngineStats:
-    """Counters for /health and the batching benchmark (written by the engine thread only)."""
+    """Counters for /health and the serving benchmarks. The engine thread writes the work done; the event loop
+    writes ``rejected`` (503s: queue full) and ``cancelled`` (clients gone before their job started)."""
 
     engine_calls: int = 0
     batches: int = 0
     image_requests: int = 0
     images: int = 0
     chats: int = 0
+    rejected: int = 0
+    cancelled: int = 0
 
 
 class Engine:
@@ -214,6 +222,7 @@ class Engine:
         self.stats = EngineStats()
         self.busy = False
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=settings.queue_size)
+        self._state_lock = threading.Lock()  # a job is started by the engine or cancelled by its client, not both
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -235,9 +244,27 @@ class Engine:
         try:
             self._queue.put_nowait(job)
         except queue.Full:
+            self.stats.rejected += 1
             raise APIError(503, f"the server is busy ({self.settings.queue_size} requests queued); retry shortly",
                            type="server_error", code="queue_full",
                            headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+
+    def cancel(self, job: Job) -> None:
+        """Cancel ``job`` if the engine has not started it (it will be skipped); a started job runs to the end."""
+        with self._state_lock:
+            if job.state != "queued":
+                return
+            job.state = "cancelled"
+            self.stats.cancelled += 1
+        log.info("client gone before its %s request started: cancelled", type(job).__name__)
+
+    def _start(self, group: list[Job]) -> list[Job]:
+        """The jobs of ``group`` that are not cancelled, now marked running."""
+        with self._state_lock:
+            live = [j for j in group if j.state == "queued"]
+            for j in live:
+                j.state = "running"
+        return live
 
     def _take(self) -> list[Job]:
         """Everything queued, after waiting `batch_window_s` for requests sent together with the first."""
@@ -254,6 +281,9 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             for group in group_jobs(self._take(), self.settings.max_batch_images):
+                group = self._start(group)
+                if not group:
+                    continue
                 self.busy = True
                 try:
                     self._run(group)
@@ -555,9 +585,26 @@ def create_app(pipeline: VARGPTPipeline, settings: ServerSettings | None = None)
         seed = secrets.randbelow(2**31) if seed is None else seed
         return ImageJob(prompt=prompt, n=n, seed=seed, size=hw, cfg_scale=cfg, source=source)
 
-    async def run_image_job(job: ImageJob) -> JSONResponse:
+    async def first_answer(job: Job, request: Request) -> Any:
+        """Queue ``job`` and wait for its first result; a client that disconnects first cancels the job (module
+        docstring, "How it runs"), as does this handler being cancelled."""
         engine.submit(job)
-        result = await job.channel.get()
+        answer = asyncio.ensure_future(job.channel.get())
+        gone = asyncio.ensure_future(disconnected(request))
+        try:
+            await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            hung_up = not answer.done()  # (or this handler was cancelled)
+            if hung_up:
+                answer.cancel()
+                engine.cancel(job)
+        if hung_up:  # nobody reads this answer
+            raise APIError(499, "the client closed the connection before the answer", code="client_closed")
+        return answer.result()
+
+    async def run_image_job(job: ImageJob, request: Request) -> JSONResponse:
+        result = await first_answer(job, request)
         if isinstance(result, BaseException):
             raise _engine_error(result)
         data = await asyncio.to_thread(lambda: [{"b64_json": _png_b64(im)} for im in result])
@@ -565,8 +612,8 @@ def create_app(pipeline: VARGPTPipeline, settings: ServerSettings | None = None)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": settings.model_id, "queued": engine.queued, "busy": engine.busy,
-                **vars(engine.stats)}
+        return {"status": "ok", "model": settings.model_id, "queued": engine.queued, "queue_size": settings.queue_size,
+                "busy": engine.busy, **vars(engine.stats)}
 
     def model_card() -> dict[str, Any]:
         return {"id": settings.model_id, "object": "model", "created": 0, "owned_by": "vargpt"}
@@ -581,10 +628,10 @@ def create_app(pipeline: VARGPTPipeline, settings: ServerSettings | None = None)
         return model_card()
 
     @app.post("/v1/images/generations")
-    async def images_generations(body: ImageRequest) -> JSONResponse:
+    async def images_generations(body: ImageRequest, request: Request) -> JSONResponse:
         check_model(body.model)
         return await run_image_job(image_job(body.prompt, body.n, body.size, body.seed, body.cfg,
-                                             body.response_format))
+                                             body.response_format), request)
 
     @app.post("/v1/images/edits")
     async def images_edits(request: Request) -> JSONResponse:
@@ -601,10 +648,10 @@ def create_app(pipeline: VARGPTPipeline, settings: ServerSettings | None = None)
         source = _image_from_bytes(await files[0].read(), "image")
         job = image_job(prompt, _form_int(fields, "n", 1), fields.get("size"), _form_int(fields, "seed", None),
                         _form_float(fields, "cfg"), fields.get("response_format"), source=source)
-        return await run_image_job(job)
+        return await run_image_job(job, request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest) -> Any:
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
         check_model(body.model)
         if body.n != 1:
             raise APIError(400, f"n = {body.n}: this server answers one choice per request", param="n")
@@ -618,8 +665,7 @@ def create_app(pipeline: VARGPTPipeline, settings: ServerSettings | None = None)
         job = ChatJob(messages=messages, images=images, max_new_tokens=max_new, do_sample=temperature > 0,
                       temperature=temperature or 1.0, top_p=body.top_p if body.top_p is not None else 1.0,
                       seed=body.seed or 0, stream=body.stream)
-        engine.submit(job)
-        first = await job.channel.get()  # the first piece (or error) decides the status code
+        first = await first_answer(job, request)  # the first piece (or error) decides the status code
         if isinstance(first, BaseException):
             raise _engine_error(first)
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -659,6 +705,12 @@ def create_app(pipeline: VARGPTPipeline, settings: ServerSettings | None = None)
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client hangs up: its body has been read, so the next ASGI message is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _png_b64(image: Image.Image) -> str:

@@ -454,7 +454,8 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
     """Read a model checkpoint: its config (or ``config``), weights (or the file/directory ``weights``), tokenizer.
 
     Weights are read in ``dtype`` (None: as stored) onto ``device``. A config with ``decoder.source_condition``
-    over weights without ``vargpt_gen.source_embed`` gets that term at zero (exactly the model without it).
+    over weights without ``vargpt_gen.source_embed`` gets that term at zero (exactly the model without it); the same
+    for ``vision.place_embed`` and ``image_place``.
     """
     path = Path(path)
     directory = path if path.is_dir() else path.parent
@@ -462,12 +463,19 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
         config, _ = read_config(directory / CONFIG_FILE)
     weights_path = Path(weights) if weights is not None else path
     sd = load_state_dict_files(weights_path, device=device, dtype=dtype)
-    if config.decoder.source_condition and "vargpt_gen.source_embed.weight" not in sd:
-        C, D = config.decoder.embed_dim, config.vae.codebook_dim
-        like = sd["vargpt_gen.word_embed.weight"] if "vargpt_gen.word_embed.weight" in sd else None
-        kw = {"device": device, "dtype": dtype or (like.dtype if like is not None else torch.float32)}
-        sd["vargpt_gen.source_embed.weight"] = torch.zeros(C, D, **kw)
-        sd["vargpt_gen.source_embed.bias"] = torch.zeros(C, **kw)
+    like = next((v for v in sd.values() if v.is_floating_point()), None)
+    kw = {"device": device, "dtype": dtype or (like.dtype if like is not None else torch.float32)}
+    C, D, H, P = (config.decoder.embed_dim, config.vae.codebook_dim, config.llm.hidden_size,
+                  config.vision.place_embed)
+    optional = {}  # zero-initialised modules a config may add over weights saved without them
+    if config.decoder.source_condition:
+        optional |= {"vargpt_gen.source_embed.weight": (C, D), "vargpt_gen.source_embed.bias": (C,)}
+    if config.decoder.source_condition and config.decoder.source_copy:
+        optional |= {"vargpt_gen.source_copy.weight": (D, C)}
+    if P:
+        optional |= {"image_place.row.weight": (P, H), "image_place.col.weight": (P, H)}
+    for key, shape in optional.items():
+        sd.setdefault(key, torch.zeros(shape, **kw))
     tokenizer = load_tokenizer(directory, config.tokens) if (directory / "tokenizer.json").is_file() else None
     return Checkpoint(config, sd, tokenizer, weights_path)
 

@@ -208,17 +208,21 @@ class Engine:
         return {"uncond_mode": "cached", "uncond_inputs_embeds_BSH": embeds,
                 "uncond_context_BNC": context.expand(B, -1, -1)}
 
-    def _source(self, batch: PromptBatch, schedule: Schedule) -> Tensor | None:
-        """Source term of the batch's edit sources (``decoder.source_condition``), resized to the output size."""
+    def _source(self, batch: PromptBatch, schedule: Schedule) -> dict[str, Tensor]:
+        """The loop's source arguments for the batch's edit sources (``decoder.source_condition``), resized to the
+        output size: ``source_BLC`` (source bits) or ``source_latent`` (residual source term); none without."""
         if not self.config.decoder.source_condition or batch.source_images is None:
-            return None
+            return {}
         size_hw = (schedule[-1][1] * self.config.vae.stride, schedule[-1][2] * self.config.vae.stride)
         px = []
         for im in batch.source_images:
             if not isinstance(im, Image.Image):
                 im = Image.fromarray(np.asarray(im.cpu() if isinstance(im, Tensor) else im, dtype=np.uint8))
             px.append(gen_image_tensor(im.convert("RGB"), size_hw, "resize"))
-        return source_term(self.model.vae_local, self.model.vargpt_gen, torch.stack(px), schedule)
+        px = torch.stack(px).to(self.device)
+        if self.config.decoder.source_input == "residual":
+            return {"source_latent": self.model.vae_local.encode_latent(px)}
+        return {"source_BLC": source_term(self.model.vae_local, self.model.vargpt_gen, px, schedule)}
 
     @torch.no_grad()
     def sample_scales(self, batch: PromptBatch, schedule: Schedule, sampling: SamplingConfig | None = None, *,
@@ -232,7 +236,7 @@ class Engine:
         mask = batch.attention_mask.to(dev) if batch.attention_mask is not None else None
         px = batch.pixel_values.to(dev) if batch.pixel_values is not None else None
         grid = batch.image_grid_thw.to(dev) if batch.image_grid_thw is not None else None
-        embeds = V.embed_inputs(m.vlm, ids, px, grid)
+        embeds = V.embed_inputs(m.vlm, ids, px, grid, m.image_place)
         self._interrupt.clear()
         try:
             return sample_from_prompt(
@@ -240,7 +244,7 @@ class Engine:
                 functools.partial(V.llm_forward, m.vlm), functools.partial(V.new_cache, m.vlm), embeds, ids,
                 schedule, sampling, start_id=self.config.tokens.image_gen_start, attention_mask_BS=mask,
                 generator=generator, return_logits=return_logits, callback=callback,
-                stop=self._interrupt.is_set, source_BLC=self._source(batch, schedule),
+                stop=self._interrupt.is_set, **self._source(batch, schedule),
                 **self._uncond_inputs(ids.shape[0]))
         finally:
             self._interrupt.clear()
@@ -345,9 +349,12 @@ class Engine:
         ids = input_ids.to(dev)
         mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).to(dev)
         extra: dict[str, Any] = {}
+        embeds = None
         if pixel_values is not None:
             extra = {"pixel_values": pixel_values.to(dev), "image_grid_thw": image_grid_thw.to(dev),
                      "mm_token_type_ids": V.mm_token_type_ids(m.vlm, ids)}
+            if m.image_place is not None:  # transformers would embed the image without its place: embed it here
+                embeds = V.embed_inputs(m.vlm, ids, extra.pop("pixel_values"), extra["image_grid_thw"], m.image_place)
         gen_kwargs: dict[str, Any] = {"do_sample": do_sample, "streamer": streamer,
                                       "logits_processor": LogitsProcessorList(logits_processor or [])}
         if do_sample:
@@ -356,7 +363,7 @@ class Engine:
             if seed is not None:
                 torch.manual_seed(seed)
             new = self._text_generate(ids, mask, max_new_tokens=max_new_tokens, allow_image=images, extra=extra,
-                                      gen_kwargs=gen_kwargs)
+                                      inputs_embeds=embeds, gen_kwargs=gen_kwargs)
             row_images = self._split_images(ids, mask, pixel_values, image_grid_thw)
             image_kw = dict(sampling=image_sampling, size=image_size, callback=callback)
             return [self._finish_row(ids[b][mask[b].bool()], new[b], *row_images[b], max_new_tokens,
@@ -387,7 +394,8 @@ class Engine:
             stream = self._image_stream(out.bits, out.schedule)
             seq += [t.image_gen_pad] * stream.shape[1] + [t.image_gen_end]
             ids = torch.tensor([seq], device=self.device)
-            embeds = scatter_gen_tokens(V.embed_inputs(self.model.vlm, ids, px, grid), ids, t.image_gen_pad, stream)
+            embeds = scatter_gen_tokens(V.embed_inputs(self.model.vlm, ids, px, grid, self.model.image_place), ids,
+                                        t.image_gen_pad, stream)
             new = self._text_generate(ids, torch.ones_like(ids), max_new_tokens=budget,
                                       allow_image=n_img < max_images, inputs_embeds=embeds, extra={},
                                       gen_kwargs=gen_kwargs)[0]

@@ -36,6 +36,7 @@ modules is switched on or off.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -48,7 +49,7 @@ from vargpt.engine.bits import as_bit_logits, cfg_mix, sample_bits
 from vargpt.errors import InputError, VargptError
 from vargpt.models.generation import LLMForward, prompt_context, start_condition
 from vargpt.models.projectors import GenProjector, SosEmbedding
-from vargpt.models.quantizer import bits_to_codes, next_scale_input, upsample_codes
+from vargpt.models.quantizer import bits_to_codes, next_scale_input, source_residual, upsample_codes
 from vargpt.models.visual_decoder import DecoderCondition, VisualDecoder
 from vargpt.scales import Schedule
 
@@ -87,7 +88,7 @@ def sample_image_tokens(decoder: VisualDecoder, cond: DecoderCondition, schedule
                         hook: ScaleHook | None = None, teacher_bits: Sequence[Tensor] | None = None,
                         use_cache: bool = True, return_logits: bool = False,
                         callback: Callable[[int, Tensor], None] | None = None,
-                        stop: Callable[[], bool] | None = None) -> ImageTokens:
+                        stop: Callable[[], bool] | None = None, source_latent: Tensor | None = None) -> ImageTokens:
     """Sample the bits of every scale. See the module docstring.
 
     ``generator``: one generator for the batch (the published single draw per scale) or one per sample
@@ -96,6 +97,9 @@ def sample_image_tokens(decoder: VisualDecoder, cond: DecoderCondition, schedule
     draws still happen, so generators advance as in free sampling).
     ``callback(k, bits_BhwD)`` runs after each scale (progress bars, previews); then ``stop()``: True raises
     `GenerationInterrupted`.
+    ``source_latent`` [B, D, H, W] (editing with ``decoder.source_input = "residual"``): before each scale its
+    `source_residual` against the running sum drawn so far becomes that scale's slice of ``cond.source_BLC``
+    (both CFG rows).
     """
     sampling = sampling or SamplingConfig()
     schedule = tuple(tuple(int(v) for v in s) for s in schedule)
@@ -116,7 +120,15 @@ def sample_image_tokens(decoder: VisualDecoder, cond: DecoderCondition, schedule
     block_inputs: list[Tensor] = []
     summed = torch.zeros(B, D, H, W, device=device)
     out = ImageTokens([], summed)
+    if source_latent is not None:
+        L = sum(t * h * w for t, h, w in schedule)
+        cond = dataclasses.replace(cond, source_BLC=cond.cond_BD.new_zeros(rows, L, decoder.cfg.embed_dim))
+    start = 0
     for k, (_, h, w) in enumerate(schedule):
+        if source_latent is not None:
+            term = decoder.source_tokens(source_residual(source_latent, summed, (h, w)))
+            cond.source_BLC[:, start:start + h * w] = term.repeat(rows // B, 1, 1)
+        start += h * w
         if hook is not None:
             x_BlC = hook(k, x_BlC)
         if cache is not None:
@@ -242,7 +254,8 @@ def sample_from_prompt(decoder: VisualDecoder, projector_in: GenProjector, proje
                        uncond_mode: Literal["published", "cached"] = "published",
                        uncond_inputs_embeds_BSH: Tensor | None = None, uncond_context_BNC: Tensor | None = None,
                        uncond_context_mask_BN: Tensor | None = None, source_BLC: Tensor | None = None,
-                       return_logits: bool = False, callback: Callable[[int, Tensor], None] | None = None,
+                       source_latent: Tensor | None = None, return_logits: bool = False,
+                       callback: Callable[[int, Tensor], None] | None = None,
                        stop: Callable[[], bool] | None = None) -> ImageTokens:
     """Image tokens for prompts that end with ``<|image_gen_start|>`` (left-padded), the LLM in the loop.
 
@@ -257,6 +270,8 @@ def sample_from_prompt(decoder: VisualDecoder, projector_in: GenProjector, proje
 
     ``source_BLC``: the source term of each prompt (editing, `VisualDecoder.source_tokens`), for both CFG rows;
     the decoder adds its slice of scale k to that scale's block input (`VisualDecoder.forward_step`).
+    ``source_latent``: instead, each source's VAE latent (``decoder.source_input = "residual"``; the term of scale k
+    is built in the loop from what has been drawn, `sample_image_tokens`).
     """
     sampling = sampling or SamplingConfig()
     B = input_ids_BS.shape[0]
@@ -282,4 +297,5 @@ def sample_from_prompt(decoder: VisualDecoder, projector_in: GenProjector, proje
     hook = LLMScaleHook(llm, projector_in, projector_out, cond_cache=cache, cond_attention_mask=mask, batch_size=B,
                         uncond_mode=uncond_mode, uncond_cache=uncond_cache)
     return sample_image_tokens(decoder, cond, schedule, sampling, generator=generator, hook=hook,
-                               return_logits=return_logits, callback=callback, stop=stop)
+                               return_logits=return_logits, callback=callback, stop=stop,
+                               source_latent=source_latent)

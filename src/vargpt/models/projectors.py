@@ -21,9 +21,42 @@ Differences from the published implementation
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["GenProjector", "SosEmbedding"]
+from vargpt.errors import InputError
+
+__all__ = ["GenProjector", "ImagePlaceEmbedding", "SosEmbedding"]
+
+
+class ImagePlaceEmbedding(nn.Module):
+    """``vision.place_embed`` (not in the released layout): ``row[r] + col[c]`` added to the merged image token at
+    row r, column c of its image's merged grid, both tables zero-initialised (a model that gains it starts equal to
+    one without it). Why: the LLM's M-RoPE gives image tokens positions, but a question's tokens sit at positions that
+    move with its length and turn, so under a small ``rope_theta`` the LLM cannot look a shape up wherever it is, and
+    under a large one it cannot tell columns apart; features that carry their place serve both."""
+
+    def __init__(self, max_side: int, dim: int, merge: int) -> None:
+        super().__init__()
+        self.merge = merge
+        self.row = nn.Embedding(max_side, dim)
+        self.col = nn.Embedding(max_side, dim)
+        nn.init.zeros_(self.row.weight)
+        nn.init.zeros_(self.col.weight)
+
+    def forward(self, grid_thw_N3: Tensor) -> Tensor:
+        """Embeddings of every merged token of images with patch grids ``grid_thw_N3``, in the vision tower's
+        output order (per image, frame by frame, row-major), [sum of tokens, dim]."""
+        rows, cols = [], []
+        for t, h, w in grid_thw_N3.tolist():
+            h, w = h // self.merge, w // self.merge
+            if max(h, w) > self.row.num_embeddings:
+                raise InputError(f"an image of {h}x{w} merged tokens exceeds vision.place_embed = "
+                                 f"{self.row.num_embeddings}; resize it or build the model with a larger place_embed")
+            idx = torch.arange(t * h * w, device=self.row.weight.device)
+            rows.append(idx // w % h)
+            cols.append(idx % w)
+        return self.row(torch.cat(rows)) + self.col(torch.cat(cols))
 
 
 class GenProjector(nn.Module):

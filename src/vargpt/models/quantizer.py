@@ -201,6 +201,7 @@ class MultiScaleTokens:
     bits: list[Tensor]  # per scale [B, h, w, D] uint8: the CLEAN labels
     x_wo_prefix_BLD: Tensor  # [B, L - L_0, D] inputs of scales 1..K-1 (L_0 = 1 token of scale 0)
     summed_BDHW: Tensor  # running sum of all scales' codes (corrupted ones when self-correction flipped bits)
+    source_BLD: Tensor | None = None  # with a source latent: `source_residual` of every scale, [B, L, D]
 
     @property
     def labels_BLD(self) -> Tensor:
@@ -208,8 +209,19 @@ class MultiScaleTokens:
         return torch.cat([b.flatten(1, 2) for b in self.bits], dim=1)
 
 
+def source_residual(source_BDHW: Tensor, summed_BDHW: Tensor, size_hw: tuple[int, int]) -> Tensor:
+    """What a scale of grid ``size_hw`` must add to the running sum ``summed_BDHW`` to reach the latent
+    ``source_BDHW`` (both [B, D, H, W]): their difference area-resized to the grid and l2-normalised per position, as
+    the quantiser treats a residual (`quantize_bsq`), times sqrt(D) (entries of magnitude ~1, like +-1 bits), as
+    [B, h*w, D]. Where an edit keeps the source, the bits of that scale are its signs."""
+    r = source_BDHW.float() - summed_BDHW.float()
+    if tuple(size_hw) != tuple(r.shape[2:]):
+        r = downsample_area(r, size_hw)
+    return (F.normalize(r, dim=1) * r.shape[1] ** 0.5).flatten(2).transpose(1, 2)
+
+
 def multiscale_bits(latent_BDHW: Tensor, schedule: Schedule, *, self_correction: SelfCorrectionConfig | None = None,
-                    generator: torch.Generator | None = None) -> MultiScaleTokens:
+                    generator: torch.Generator | None = None, source_BDHW: Tensor | None = None) -> MultiScaleTokens:
     """Labels + inputs for the visual decoder (released ``BitwiseSelfCorrection.flip_requant``), no gradient.
 
     Without ``self_correction`` (or with strength 0) no bits are flipped and each scale's codes are rebuilt
@@ -217,6 +229,8 @@ def multiscale_bits(latent_BDHW: Tensor, schedule: Schedule, *, self_correction:
     probability p is drawn uniformly from {0.00, 0.01, ..., strength} (one draw per scale for the batch) and
     each bit flips independently with probability p; if ``requant`` the (flipped) bits are turned back into
     codes, so later residuals are taken against the corrupted running sum. Labels stay the clean bits.
+    ``source_BDHW`` (an edit source's latent, same shape): also record its `source_residual` against the same
+    running sum at every scale (``source_BLD``), the source term of ``decoder.source_input = "residual"``.
     """
     hws = _check_latent(latent_BDHW, schedule)
     H, W = hws[-1]
@@ -225,8 +239,10 @@ def multiscale_bits(latent_BDHW: Tensor, schedule: Schedule, *, self_correction:
         raise InputError("bitwise self-correction needs an explicit torch.Generator (generator=...)")
     feats = latent_BDHW.detach().float()
     summed = torch.zeros_like(feats)
-    bits_out, inputs = [], []
+    bits_out, inputs, sources = [], [], []
     for k, hw in enumerate(hws):
+        if source_BDHW is not None:
+            sources.append(source_residual(source_BDHW, summed, hw))
         r = feats - summed
         if k < len(hws) - 1:
             r = downsample_area(r, hw)
@@ -246,7 +262,7 @@ def multiscale_bits(latent_BDHW: Tensor, schedule: Schedule, *, self_correction:
             inputs.append(next_scale_input(summed, hws[k + 1]))
     D = feats.shape[1]
     x = torch.cat(inputs, dim=1) if inputs else feats.new_zeros(feats.shape[0], 0, D)
-    return MultiScaleTokens(bits_out, x, summed)
+    return MultiScaleTokens(bits_out, x, summed, torch.cat(sources, dim=1) if sources else None)
 
 
 # ----------------------------------------------------------------------------------------------- module

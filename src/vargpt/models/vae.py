@@ -210,10 +210,43 @@ class PatchDecoder(nn.Module):
         self.proj_out = Conv(ch, 4 * ch, 1)
         self.conv_out = Conv(4 * ch, cfg.in_channels * p * p, 1)
         self.patch_size = p
+        self.refine = _Refine(cfg.in_channels + 4 * ch // (p * p), cfg) if cfg.refine_blocks else None
 
     def forward(self, z: Tensor) -> Tensor:
-        h = self.proj_out(F.silu(self.norm_out(self.block(self.conv_in(z)))))
-        return F.pixel_shuffle(self.conv_out(F.silu(h)), self.patch_size)
+        h = F.silu(self.proj_out(F.silu(self.norm_out(self.block(self.conv_in(z))))))
+        img = F.pixel_shuffle(self.conv_out(h), self.patch_size)
+        if self.refine is None:
+            return img
+        return img + self.refine(torch.cat([img, F.pixel_shuffle(h, self.patch_size)], dim=1))
+
+
+class _Refine(nn.Module):
+    """``VAEConfig.refine_blocks``: 3x3 conv in, ResnetBlocks at full resolution, 3x3 conv out (zero-initialised:
+    a decoder that gains it starts equal to one without it)."""
+
+    def __init__(self, c_in: int, cfg: VAEConfig) -> None:
+        super().__init__()
+        rc = cfg.refine_ch
+        self.conv_in = Conv(c_in, rc, 3, padding=1)
+        self.block = nn.Sequential(*(ResnetBlock(rc, rc, cfg.norm_groups) for _ in range(cfg.refine_blocks)))
+        self.norm_out = Norm(rc, cfg.norm_groups)
+        self.conv_out = Conv(rc, cfg.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.conv.weight)
+        nn.init.zeros_(self.conv_out.conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv_out(F.silu(self.norm_out(self.block(self.conv_in(x)))))
+
+
+def keep_unchanged(latent_BDhw: Tensor, source_BDhw: Tensor, x_BCHW: Tensor, source_BCHW: Tensor, stride: int, *,
+                   tol: float = 2 / 255) -> Tensor:
+    """``latent`` with the source's latent wherever the pictures agree: a position keeps the target's latent only
+    if a pixel of its patch or of a neighbouring patch differs by more than ``tol`` (images in [-1, 1]). The encoder
+    normalises over the whole picture, so an edit moves every latent a little and flips bits far from it; the
+    source's latent there decodes to the same unchanged pixels."""
+    changed = ((x_BCHW.float() - source_BCHW.float()).abs().amax(1, keepdim=True) > tol).float()
+    changed = F.max_pool2d(F.max_pool2d(changed, stride), 3, stride=1, padding=1)
+    return torch.where(changed.bool(), latent_BDhw, source_BDhw)
 
 
 class BSQVAE(nn.Module):
@@ -269,11 +302,21 @@ class BSQVAE(nn.Module):
     @torch.no_grad()
     def encode(self, x: Tensor, schedule: Schedule | None = None, *,
                self_correction: SelfCorrectionConfig | None = None,
-               generator: torch.Generator | None = None) -> MultiScaleTokens:
-        """Image -> per-scale bit labels and the visual decoder's teacher-forcing inputs."""
+               generator: torch.Generator | None = None, source: Tensor | None = None,
+               source_mask: Tensor | None = None) -> MultiScaleTokens:
+        """Image -> per-scale bit labels and the visual decoder's teacher-forcing inputs. ``source``: edit source
+        images (same shape as ``x``) whose residuals against the running sum are recorded too (``source_BLD``); the
+        target's latent then takes the source's at every position whose patch (or a neighbour's) the edit leaves
+        unchanged (`keep_unchanged`), so where the picture stays, the labels are exactly what the source implies.
+        ``source_mask`` [B] bool: rows without a source (False) keep their own latent."""
         latent = self.encode_latent(x)
+        src = None
+        if source is not None:
+            src = self.encode_latent(source)
+            kept = keep_unchanged(latent, src, x, source, self.stride)
+            latent = kept if source_mask is None else torch.where(source_mask.view(-1, 1, 1, 1), kept, latent)
         return multiscale_bits(latent, schedule or self.schedule_for(latent, latent=True),
-                               self_correction=self_correction, generator=generator)
+                               self_correction=self_correction, generator=generator, source_BDHW=src)
 
     def decode(self, z_BDHW: Tensor) -> Tensor:
         """Latent or summed codes [B, D, h, w] -> image [B, C, h*stride, w*stride] clamped to [-1, 1]."""

@@ -47,7 +47,7 @@ from vargpt.config import VARGPTConfig
 from vargpt.errors import CheckpointError, InputError
 from vargpt.models import vlm as V
 from vargpt.models.generation import source_term, teacher_forced_forward
-from vargpt.models.projectors import GenProjector, SosEmbedding
+from vargpt.models.projectors import GenProjector, ImagePlaceEmbedding, SosEmbedding
 from vargpt.models.vae import BSQVAE
 from vargpt.models.visual_decoder import VisualDecoder
 from vargpt.processing import ByteTokenizer, VARGPTProcessor
@@ -92,9 +92,12 @@ class VARGPT(nn.Module):
             self.image_gen_projector = GenProjector(C, H)
             self.image_gen_projector_out = GenProjector(H, C)
             self.sos_embedding = SosEmbedding(config.tokens.image_gen_start, C)
+            self.image_place = (ImagePlaceEmbedding(config.vision.place_embed, H, config.vision.spatial_merge_size)
+                                if config.vision.place_embed else None)
         for m in (self.vae_local, self.vargpt_gen, self.image_gen_projector, self.image_gen_projector_out,
-                  self.sos_embedding):
-            m.to(dtype)
+                  self.sos_embedding, self.image_place):
+            if m is not None:
+                m.to(dtype)
         if tokenizer is None and config.llm.vocab_size <= MAX_BYTE_VOCAB:
             tokenizer = ByteTokenizer(config.tokens)
         self.processor: VARGPTProcessor | None = VARGPTProcessor(tokenizer, config) if tokenizer else None
@@ -176,6 +179,10 @@ class VARGPT(nn.Module):
         """Understanding forward with transformers' conventions: returns its output (``.logits`` [B, S, V])."""
         if pixel_values is not None and mm_token_type_ids is None:
             mm_token_type_ids = V.mm_token_type_ids(self.vlm, input_ids)
+        if pixel_values is not None and self.image_place is not None:  # transformers would embed without places
+            kwargs["inputs_embeds"] = V.embed_inputs(self.vlm, input_ids, pixel_values, image_grid_thw,
+                                                     self.image_place)
+            pixel_values = None
         return self.vlm(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                         image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
                         position_ids=position_ids, cache=cache, labels=labels, use_cache=use_cache, **kwargs)
@@ -209,7 +216,7 @@ class VARGPT(nn.Module):
         cfg, tok = self.config, self.config.tokens
         ids, mask = batch["input_ids"], batch["attention_mask"]
         grid = batch.get("image_grid_thw")
-        embeds = V.embed_inputs(self.vlm, ids, batch.get("pixel_values"), grid)
+        embeds = V.embed_inputs(self.vlm, ids, batch.get("pixel_values"), grid, self.image_place)
         llm = functools.partial(V.llm_forward, self.vlm, position_ids=self._positions(ids, grid, mask))
         n_gen = int((ids == tok.image_gen_pad).any(1).sum())
         gen_px = batch.get("gen_pixel_values")
@@ -220,9 +227,16 @@ class VARGPT(nn.Module):
             raise InputError(f"{n_gen} row(s) hold <|image_gen_pad|> slots but the batch has {got}; give one target "
                              "image per row with an <image_gen> slot")
         schedule = schedule_for_size(gen_px.shape[-2], gen_px.shape[-1], cfg.vae.stride)
+        src_px, src_mask = self._batch_source(batch, gen_px)
+        residual = src_px is not None and cfg.decoder.source_input == "residual"
         tokens = self.vae_local.encode(gen_px, schedule, self_correction=cfg.self_correction if self_correction
-                                       else None, generator=generator)
-        source = self._batch_source(batch, gen_px, schedule)
+                                       else None, generator=generator, source=src_px if residual else None,
+                                       source_mask=src_mask)
+        source = None
+        if residual:
+            source = self.vargpt_gen.source_tokens(tokens.source_BLD, src_mask)
+        elif src_px is not None:
+            source = source_term(self.vae_local, self.vargpt_gen, src_px, schedule, src_mask)
         out = teacher_forced_forward(self.vargpt_gen, self.image_gen_projector, self.image_gen_projector_out,
                                      self.sos_embedding, llm, embeds, ids, tokens.x_wo_prefix_BLD.to(self.dtype),
                                      schedule, start_id=tok.image_gen_start, pad_id=tok.image_gen_pad,
@@ -230,15 +244,16 @@ class VARGPT(nn.Module):
                                      drop_path_generator=generator, cond_BD=cond_BD, source_BLC=source)
         return GenerationForward(out.hidden_BSH, out.gen_logits_BLV, tokens.labels_BLD, schedule)
 
-    def _batch_source(self, batch: dict[str, Any], gen_px: Tensor, schedule: Schedule) -> Tensor | None:
-        """Source term of a batch's targets (``gen_source_*`` keys), or None (no source conditioning)."""
+    def _batch_source(self, batch: dict[str, Any], gen_px: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Edit sources of a batch's targets and which rows have one (``gen_source_*`` keys), or Nones (no source
+        conditioning)."""
         src = batch.get("gen_source_pixel_values")
         if not self.config.decoder.source_condition or src is None:
-            return None
+            return None, None
         mask = batch.get("gen_source_mask")
         if src.shape != gen_px.shape or (mask is not None and mask.shape != (gen_px.shape[0],)):
             raise InputError(f"gen_source_pixel_values {tuple(src.shape)} / gen_source_mask "
                              f"{None if mask is None else tuple(mask.shape)} do not match gen_pixel_values "
                              f"{tuple(gen_px.shape)}: give one source row (and mask entry) per target, same size")
-        return source_term(self.vae_local, self.vargpt_gen, src, schedule, mask)
+        return src.to(gen_px.device), None if mask is None else mask.to(gen_px.device)
 

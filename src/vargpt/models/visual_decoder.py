@@ -454,6 +454,19 @@ class VisualDecoder(nn.Module):
             self.source_embed = nn.Linear(codebook_dim, C, device="meta").to_empty(device=self.head.weight.device)
             nn.init.zeros_(self.source_embed.weight)
             nn.init.zeros_(self.source_embed.bias)
+        self.source_copy = None
+        if cfg.source_condition and cfg.source_copy:
+            # the source term straight to the bit logits (no bias: rows without a source get nothing), so keeping the
+            # source is a linear read-out rather than something every block must carry through. Small random weights
+            # (from a generator of its own): with source_embed at zero the model is still the one without a source,
+            # and both get gradients from the first step
+            self.source_copy = nn.Linear(C, codebook_dim, bias=False, device="meta").to_empty(
+                device=self.head.weight.device)
+            if not self.source_copy.weight.is_meta:
+                w = torch.empty(codebook_dim, C)
+                nn.init.trunc_normal_(w, std=init_std, generator=torch.Generator().manual_seed(0))
+                with torch.no_grad():
+                    self.source_copy.weight.copy_(w)
         self._rope: dict[tuple, Tensor] = {}
 
     # ---- helpers
@@ -530,9 +543,14 @@ class VisualDecoder(nn.Module):
         """Teacher-forcing sequence [B, L, C]: first token, then the embedded inputs of scales 1..K-1."""
         return torch.cat([self.first_tokens(cond_BD), self.embed_inputs(x_wo_prefix_BlD)], dim=1)
 
-    def get_logits(self, h_BLC: Tensor, cond_BD: Tensor) -> Tensor:
-        """Head AdaLN + bitwise head: [B, L, 2D] (columns 2d, 2d+1 = logits of bit d being 0, 1)."""
-        return self.head(self.head_nm(h_BLC.to(cond_BD.dtype), cond_BD))
+    def get_logits(self, h_BLC: Tensor, cond_BD: Tensor, source_BLC: Tensor | None = None) -> Tensor:
+        """Head AdaLN + bitwise head: [B, L, 2D] (columns 2d, 2d+1 = logits of bit d being 0, 1); with a source
+        term (of these positions), ``source_copy`` of it moves each bit's pair of logits apart."""
+        logits = self.head(self.head_nm(h_BLC.to(cond_BD.dtype), cond_BD))
+        if source_BLC is None or self.source_copy is None:
+            return logits
+        half = 0.5 * self.source_copy(source_BLC.to(logits.dtype))
+        return logits + torch.stack([-half, half], dim=-1).flatten(-2)
 
     # ---- forwards
 
@@ -561,7 +579,7 @@ class VisualDecoder(nn.Module):
                 x = checkpoint(block, *args, attn_mask=mask, drop_B11=drop, use_reentrant=False)
             else:
                 x = block(*args, attn_mask=mask, drop_B11=drop)
-        return self.get_logits(x, cond.cond_BD)
+        return self.get_logits(x, cond.cond_BD, None if cond.source_BLC is None else cond.source_BLC[:, :L])
 
     def new_cache(self, batch_size: int, schedule: Schedule, *, device: torch.device | str | None = None,
                   dtype: torch.dtype = torch.float32) -> DecoderKVCache:
@@ -589,4 +607,5 @@ class VisualDecoder(nn.Module):
             x = block(x, cond.gss_B16C, cond.context_BNC, cond.context_mask_BN, rope, cache=cache, layer=i,
                       start=start)
         cache.length = start + l
-        return self.get_logits(x, cond.cond_BD)
+        return self.get_logits(x, cond.cond_BD,
+                               None if cond.source_BLC is None else cond.source_BLC[:, start:start + l])

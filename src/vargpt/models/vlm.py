@@ -110,11 +110,12 @@ def mm_token_type_ids(vlm: Qwen2VLForConditionalGeneration, input_ids: torch.Ten
 
 def embed_inputs(vlm: Qwen2VLForConditionalGeneration, input_ids: torch.Tensor,
                  pixel_values: torch.Tensor | None = None,
-                 image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+                 image_grid_thw: torch.Tensor | None = None, place: torch.nn.Module | None = None) -> torch.Tensor:
     """LLM input embeddings [B, L, D]: token embeddings, image features scattered into the image slots.
 
     Image features come from the vision tower + merger in the order of ``image_grid_thw`` rows; they fill
     the ``<|image_pad|>`` slots in reading order (row-major over the batch), one slot per merged patch.
+    ``place``: a module adding where each token is (`vargpt.models.projectors.ImagePlaceEmbedding`), or None.
     """
     embeds_BLD = vlm.model.get_input_embeddings()(input_ids)
     mask_BL = image_token_mask(vlm, input_ids)
@@ -127,6 +128,8 @@ def embed_inputs(vlm: Qwen2VLForConditionalGeneration, input_ids: torch.Tensor,
     if image_grid_thw is None:
         raise InputError("pixel_values given without image_grid_thw; pass both, as the processor returns them")
     feats_ND = torch.cat(vlm.model.get_image_features(pixel_values, image_grid_thw).pooler_output, dim=0)
+    if place is not None:
+        feats_ND = feats_ND + place(image_grid_thw).to(feats_ND.dtype)
     return scatter_features(embeds_BLD, mask_BL, feats_ND, what="image")
 
 

@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--batch-size", type=int, default=32)
     v.add_argument("--lr", type=float, default=1e-3)
     v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--place-heads", action="store_true", help="also teach every token its grid row and column")
     v.add_argument("overrides", nargs="*", help="recipe overrides key=value, e.g. model.tokenizer=DIR")
     args = ap.parse_args(argv)
     try:
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
             from vargpt.training.vision import VisionPretrainConfig, pretrain_vision
 
             cfg = VisionPretrainConfig(recipe=str(args.recipe), out=str(args.out), overrides=tuple(args.overrides),
-                                       steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+                                       steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                       place_heads=args.place_heads)
             print(json.dumps({"model": str(pretrain_vision(cfg))}))
         elif args.cmd == "tokenizer":
             print(json.dumps({"tokenizer": str(train_tiny_tokenizer(args.out, n=args.n, seed=args.seed))}))

@@ -8,7 +8,8 @@ deterministic checker (`vargpt.eval.checker`), so DPO moves probability from the
 passing ones:
 
 * for each of ``n`` text-to-image prompts of a ShapesWorld split (``train`` by default, so no held-out colour-shape
-  pair or composition is ever seen), draw ``samples`` images with the model's sampling settings;
+  pair or composition is ever seen; ``categories`` keeps only prompts of those categories, so a model that passes
+  most prompts still yields pairs where it is weak), draw ``samples`` images with the model's sampling settings;
 * score each (GenEval-style 0/1 score first, `object_recall` to break ties);
 * chosen = best sample, rejected = worst; the pair is kept when the chosen one is strictly better (it passes and
   the rejected one fails, or neither passes and it shows more of the requested objects). With ``render_chosen``, a
@@ -25,9 +26,11 @@ Command line: ``vargpt data preferences --model M --out DIR`` (see `vargpt.cli`)
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from vargpt.config import SamplingConfig
-from vargpt.data.shapesworld import make_record
+from vargpt.data.shapesworld import CATEGORIES, make_record
 from vargpt.engine import to_pil
 from vargpt.errors import InputError
 from vargpt.eval import tasks
@@ -55,11 +58,24 @@ class PreferenceConfig:
     seed: int = 0  # prompt set (ShapesWorld seed) and sampling seeds
     batch: int = 32  # images per generation call
     render_chosen: bool = False  # no passing sample: pair the faithful render with the worst sample
+    categories: tuple[str, ...] | None = None  # prompt categories to keep (None: all, in their natural mix)
 
     def validate(self) -> None:
         if self.n < 1 or self.samples < 2 or self.batch < 1:
             raise InputError(f"preferences: need n >= 1, samples >= 2 and batch >= 1 (got n={self.n}, "
                              f"samples={self.samples}, batch={self.batch})")
+        unknown = set(self.categories or ()) - set(CATEGORIES)
+        if unknown or self.categories == ():
+            raise InputError(f"preferences: unknown or no prompt categories {sorted(unknown)}; choose from "
+                             f"{', '.join(CATEGORIES)}")
+
+
+def _prompt_records(cfg: PreferenceConfig) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """The split's text-to-image records in index order, those of ``cfg.categories`` only (all when None)."""
+    for i in itertools.count():
+        rec = make_record(i, split=cfg.split, seed=cfg.seed, size=cfg.size, tasks=("t2i",))
+        if cfg.categories is None or rec[0]["meta"]["category"] in cfg.categories:
+            yield rec
 
 
 def _judge(img: Any, prompt: str) -> tuple[float, float]:
@@ -80,9 +96,10 @@ def build_preferences(engine: Any, cfg: PreferenceConfig, *, sampling: SamplingC
     sample_scores: list[float] = []
     lines: list[str] = []
     bar = tqdm(total=cfg.n, desc="preferences", unit="prompt", disable=not progress, dynamic_ncols=True)
+    records = _prompt_records(cfg)
     for start in range(0, cfg.n, per_call):
         idx = range(start, min(cfg.n, start + per_call))
-        recs = [make_record(i, split=cfg.split, seed=cfg.seed, size=cfg.size, tasks=("t2i",)) for i in idx]
+        recs = [next(records) for _ in idx]
         prompts = [r["messages"][0]["content"] for r, _ in recs]
         seeds = [cfg.seed * tasks.SEED_STRIDE + i * cfg.samples + j for i in idx for j in range(cfg.samples)]
         images = to_pil(engine.generate_images(prompts, n=cfg.samples, size=cfg.size, sampling=sampling,

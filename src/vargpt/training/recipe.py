@@ -58,6 +58,9 @@ __all__ = [
 MODULES: tuple[str, ...] = ("visual", "model", "lm_head", "vae_local", "vargpt_gen", "image_gen_projector",
                             "image_gen_projector_out", "sos_embedding")
 _GEN = ("vargpt_gen", "image_gen_projector", "image_gen_projector_out", "sos_embedding")
+# Modules only some configs build (not in the released layout): a trainable set may name them, and a model
+# without them simply has nothing to train there.
+OPTIONAL_MODULES: tuple[str, ...] = ("image_place",)
 
 # The released freezing table (reference-facts 8.3, `vargpt_train_stage`) as trainable sets, plus readable names.
 FREEZE_PRESETS: dict[str, tuple[str, ...]] = {
@@ -71,8 +74,8 @@ FREEZE_PRESETS: dict[str, tuple[str, ...]] = {
     "gen_projectors": ("image_gen_projector", "image_gen_projector_out", "sos_embedding"),
     "llm": ("model", "lm_head"),
     "llm_and_generation": ("model", "lm_head", *_GEN),
-    "all_but_vae": tuple(m for m in MODULES if m != "vae_local"),
-    "all": MODULES,
+    "all_but_vae": tuple(m for m in (*MODULES, *OPTIONAL_MODULES) if m != "vae_local"),
+    "all": (*MODULES, *OPTIONAL_MODULES),
 }
 
 STAGES: tuple[str, ...] = ("pretrain", "sft_understanding", "sft_gen", "sft_mixed", "dpo", "edit")
@@ -246,9 +249,10 @@ def trainable_modules(recipe: Recipe) -> tuple[str, ...]:
     if not spec:
         raise ConfigError("recipe field trainable is an empty list; name at least one module")
     for name in spec:
-        if not isinstance(name, str) or name.split(".")[0] not in MODULES:
+        if not isinstance(name, str) or name.split(".")[0] not in (*MODULES, *OPTIONAL_MODULES):
             raise ConfigError(f"recipe field trainable: unknown module {name!r}; modules are "
-                              f"{', '.join(MODULES)} (a dotted sub-module such as visual.merger is allowed)")
+                              f"{', '.join((*MODULES, *OPTIONAL_MODULES))} (a dotted sub-module such as visual.merger "
+                              "is allowed)")
     return tuple(spec)
 
 

@@ -89,7 +89,7 @@ from vargpt.errors import CheckpointError, ConfigError, InputError
 from vargpt.training.checkpoint import atomic_write_bytes, latest_checkpoint, save_checkpoint, save_model_dir
 from vargpt.training.losses import dpo_loss, dpo_metrics
 from vargpt.training.plots import Panel, plot_metrics
-from vargpt.training.recipe import Recipe, trainable_modules
+from vargpt.training.recipe import OPTIONAL_MODULES, Recipe, trainable_modules
 
 __all__ = ["TrainResult", "TrainableModel", "apply_freezing", "build_model", "build_processor", "load_vae_weights",
            "lr_factor", "train"]
@@ -172,10 +172,11 @@ def _new_model(recipe: Recipe) -> nn.Module:
         model = VARGPT.from_pretrained(init.checkpoint)
         if init.config_overrides:
             cfg = VARGPTConfig.from_dict(_merge(model.config.to_dict(), init.config_overrides))
-            if cfg.decoder.source_condition != model.config.decoder.source_condition:
-                # a new module (decoder.source_embed, zero-initialised): rebuild the model around the weights
+            if cfg != model.config:
+                # rebuild around the weights: an override may add a module (zero-initialised) or change how one
+                # computes (llm.rope_theta lives in the transformers model), which setting the config alone would
+                # not; weights that no longer fit fail the strict load with the key named
                 return VARGPT.from_pretrained(init.checkpoint, config=cfg)
-            model.config = cfg
         return model
     cfg = VARGPTConfig.from_dict(_merge(get_preset(init.preset).to_dict(), init.config_overrides))
     return VARGPT(cfg)
@@ -191,7 +192,8 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def apply_freezing(model: nn.Module, modules: tuple[str, ...] | list[str]) -> dict[str, int]:
     """Make exactly the parameters under ``modules`` (name prefixes) trainable; returns parameter counts.
 
-    A module name that matches no parameter is a `ConfigError` (a typo would otherwise freeze everything).
+    A module name that matches no parameter is a `ConfigError` (a typo would otherwise freeze everything), unless it
+    is one of the optional modules this model was built without.
     """
     hits = dict.fromkeys(modules, 0)
     counts = {"trainable": 0, "frozen": 0}
@@ -201,7 +203,7 @@ def apply_freezing(model: nn.Module, modules: tuple[str, ...] | list[str]) -> di
         if owner is not None:
             hits[owner] += p.numel()
         counts["trainable" if owner else "frozen"] += p.numel()
-    missing = [m for m, n in hits.items() if n == 0]
+    missing = [m for m, n in hits.items() if n == 0 and m not in OPTIONAL_MODULES]
     if missing:
         tops = sorted({n.split(".")[0] for n, _ in model.named_parameters()})
         raise ConfigError(f"recipe field trainable: module(s) {', '.join(missing)} have no parameters in this "

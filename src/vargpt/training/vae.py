@@ -87,6 +87,8 @@ class VAETrainConfig:
     # and a whole image (tiny stride-8 autoencoder after 984 crop steps: 23.7 dB on crops, 20.1 dB on whole 64 px
     # images), so finish at full size (--init)
     vae_overrides: dict[str, Any] | None = None  # VAEConfig fields replacing the preset's (e.g. {"base_ch": 64})
+    decoder_only: bool = False  # with ``init``: train the decoder alone; encoder and quantiser stay, so every code (and
+    # every model trained on them) stays valid while the pictures drawn from those codes get sharper
 
     def validate(self) -> None:
         if self.recon_loss not in ("l1", "l2", "l1+l2"):
@@ -100,6 +102,8 @@ class VAETrainConfig:
             raise InputError(f"crop must be between 1 and the smallest size ({min(self.sizes)}), got {self.crop}")
         if self.lr <= 0:
             raise InputError(f"lr must be > 0, got {self.lr}")
+        if self.decoder_only and not self.init:
+            raise InputError("decoder_only trains the decoder of an existing VAE: give init (--init RUN)")
         for name in ("foreground_weight", "edge_weight"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -342,11 +346,21 @@ def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
     vae = BSQVAE(vae_cfg).to(device).train()
     if cfg.init and not (cfg.resume and latest_checkpoint(out) is not None):
         init_vae, init_config = load_vae(cfg.init)
-        if init_vae.cfg != vae.cfg:
+        refine = ("refine_blocks", "refine_ch")  # a decoder may gain refinement blocks over the same codes
+        same = dataclasses.replace(init_vae.cfg, **{k: getattr(vae.cfg, k) for k in refine}) == vae.cfg
+        if not same or (init_vae.cfg != vae.cfg and not cfg.decoder_only):
             raise CheckpointError(f"--init {cfg.init}: its VAE sizes {init_config.get('vae')} differ from this run's; "
-                                  "pass the same --preset/--vae overrides it was trained with")
-        vae.load_state_dict(init_vae.state_dict())
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+                                  "pass the same --preset/--vae overrides it was trained with (only refine_blocks / "
+                                  "refine_ch may differ, with --decoder-only)")
+        missing, unexpected = vae.load_state_dict(init_vae.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("decoder.refine.") for k in missing):
+            raise CheckpointError(f"--init {cfg.init}: weights do not fit (missing {missing[:3]}, unexpected "
+                                  f"{unexpected[:3]})")
+    if cfg.decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quantizer.requires_grad_(False)
+    trained = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     disc = disc_opt = None
     if cfg.adversarial_weight > 0:
         disc = PatchDiscriminator().to(device).train()
@@ -447,7 +461,7 @@ def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+            nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
         opt.step()
         if use_adv:
             with autocast:

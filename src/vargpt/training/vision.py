@@ -34,6 +34,7 @@ from vargpt.data.shapesworld import _allowed
 from vargpt.errors import InputError
 
 HEADS = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES)}  # label 0 = no object at the token
+PLACES = ("row", "col")  # every token's own grid row and column: where it is, whatever it shows
 
 
 @dataclass
@@ -47,15 +48,19 @@ class VisionPretrainConfig:
     weight_decay: float = 0.01
     seed: int = 0
     eval_every: int = 100
+    place_heads: bool = False  # also label every token's row and column (`_Heads`)
     progress: bool = True
 
 
 def token_labels(scenes: list[Scene], grid: int) -> dict[str, Tensor]:
     """Per head [B, grid*grid] long labels of the tokens of a ``grid`` x ``grid`` merged-token map (row-major):
-    1 + the index of the attribute of the object whose box holds the token centre (later objects win), else 0."""
+    1 + the index of the attribute of the object whose box holds the token centre (later objects win), else 0;
+    ``row`` / ``col``: the token's own grid row / column."""
     centre = (torch.arange(grid) + 0.5) / grid
     y, x = centre[:, None].expand(grid, grid).flatten(), centre[None, :].expand(grid, grid).flatten()
     out = {name: torch.zeros(len(scenes), grid * grid, dtype=torch.long) for name in HEADS}
+    out["row"] = (torch.arange(grid * grid) // grid).expand(len(scenes), -1)
+    out["col"] = (torch.arange(grid * grid) % grid).expand(len(scenes), -1)
     for b, scene in enumerate(scenes):
         for o in scene.objects:
             half = SIZES[o.size] / 2
@@ -66,17 +71,23 @@ def token_labels(scenes: list[Scene], grid: int) -> dict[str, Tensor]:
 
 
 class _Heads(nn.Module):
-    def __init__(self, dim: int) -> None:
+    """Linear heads over the merged tokens: the covering object's attributes and, with ``grid``, the token's place
+    (row and column), so the features say where a token is: the LLM reads positions from them instead of from
+    rotary phases, which also rotate with the question's length."""
+
+    def __init__(self, dim: int, grid: int = 0) -> None:
         super().__init__()
-        self.heads = nn.ModuleDict({name: nn.Linear(dim, 1 + len(values)) for name, values in HEADS.items()})
+        sizes = {name: 1 + len(values) for name, values in HEADS.items()} | {name: grid for name in PLACES if grid}
+        self.heads = nn.ModuleDict({name: nn.Linear(dim, n) for name, n in sizes.items()})
 
     def forward(self, feats_BLC: Tensor, labels: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         loss, acc = feats_BLC.new_zeros(()), {}
+        on_object = labels["shape"] > 0
         for name, head in self.heads.items():
             logits = head(feats_BLC)
             loss = loss + F.cross_entropy(logits.flatten(0, 1), labels[name].flatten())
-            on_object = labels["shape"] > 0
-            acc[name] = (logits.argmax(-1) == labels[name])[on_object].float().mean().item()
+            hit = logits.argmax(-1) == labels[name]
+            acc[name] = (hit if name in PLACES else hit[on_object]).float().mean().item()
         return loss, acc
 
 
@@ -99,7 +110,7 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> Path:
     vision = model.config.vision
     grid = size // (vision.patch_size * vision.spatial_merge_size)
     image_processor = make_image_processor(vision)
-    heads = _Heads(vision.hidden_size)
+    heads = _Heads(vision.hidden_size, grid if cfg.place_heads else 0)
     opt = torch.optim.AdamW([*model.visual.parameters(), *heads.parameters()], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     allowed = _allowed(True)
