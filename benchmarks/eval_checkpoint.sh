@@ -14,6 +14,7 @@ sd = load_file(f"{base}/model.safetensors"); sd.update(load_file(f"{ck}/model.sa
 save_file(sd, f"{d}/model.safetensors")
 c = json.load(open(f"{base}/config.json"))
 if any(k.startswith("vargpt_gen.source_embed") for k in sd): c["decoder"]["source_condition"] = True
+if "vargpt_gen.source_copy.weight" in sd: c["decoder"]["source_copy"] = True
 json.dump(c, open(f"{d}/config.json", "w"))
 for f in ("tokenizer.json", "preprocessor_config.json"):
     if not os.path.exists(f"{d}/{f}"): os.symlink(os.path.realpath(f"{base}/{f}"), f"{d}/{f}")
