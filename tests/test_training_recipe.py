@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vargpt.errors import ConfigError
-from vargpt.training.recipe import FREEZE_PRESETS, MODULES, load_recipe, trainable_modules
+from vargpt.training.recipe import FREEZE_PRESETS, MODULES, OPTIONAL_MODULES, load_recipe, trainable_modules
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 BASE = """
@@ -27,13 +27,14 @@ def _write(tmp_path, text):
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_are_valid(path):
     r = load_recipe(path)
-    assert r.name == path.stem and set(trainable_modules(r)) <= set(MODULES)
+    assert r.name == path.stem and set(trainable_modules(r)) <= {*MODULES, *OPTIONAL_MODULES}
 
 
 @pytest.mark.parametrize("path", sorted((RECIPES / "tiny").glob("*.yaml")), ids=lambda p: p.name)
 def test_embedded_default_recipes_are_valid(path):
     r = load_recipe(path)  # scripts/build_embedded_default.sh's stages
-    assert r.name == f"tiny_{path.stem}" and {m.split(".")[0] for m in trainable_modules(r)} <= set(MODULES)
+    modules = {m.split(".")[0] for m in trainable_modules(r)}
+    assert r.name == f"tiny_{path.stem}" and modules <= {*MODULES, *OPTIONAL_MODULES}
     assert r.out_dir == f"runs/tiny/{path.stem}" and r.data.image_size == 64
 
 
