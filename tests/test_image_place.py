@@ -14,6 +14,7 @@ from PIL import Image
 
 from vargpt.config import official_config, tiny_config
 from vargpt.engine import Engine
+from vargpt.engine import llm as fast_llm
 from vargpt.errors import InputError
 from vargpt.models import vlm as V
 from vargpt.models.projectors import ImagePlaceEmbedding
@@ -78,7 +79,9 @@ def test_every_path_adds_the_place():
         on.image_place.col.weight.zero_()
     assert (on(*args).logits - logits).abs().max() > 1e-3  # the place did reach the logits
     torch.nn.init.normal_(on.image_place.row.weight, generator=torch.Generator().manual_seed(1))
-    with mock.patch.object(on.vlm, "generate", wraps=on.vlm.generate) as gen:
+    # transformers' generate (the engine's path without SDPA; the lean path: tests/test_engine_llm.py)
+    with (mock.patch.object(fast_llm, "supported", lambda vlm: False),
+          mock.patch.object(on.vlm, "generate", wraps=on.vlm.generate) as gen):
         engine.generate_text(*args, max_new_tokens=1, images=False)
     kw = gen.call_args.kwargs
     assert "pixel_values" not in kw  # transformers would embed the image itself, without its places

@@ -27,6 +27,28 @@ def test_top_p_forces_majority_bit_only_below_threshold():
     assert torch.isfinite(out[0, 0]) and torch.isinf(out[0, 1])
 
 
+def _sorted_top_p(logits, top_p):
+    """The published nucleus filter, written out: sort ascending, drop cumsum <= 1 - top_p, never the largest."""
+    sorted_logits, idx = logits.sort(dim=-1)
+    remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+    remove[..., -1:] = False
+    return logits.masked_fill(torch.zeros_like(remove).scatter(-1, idx, remove), -torch.inf)
+
+
+def test_two_way_filters_match_the_sorted_filter():
+    """On 2-way bits, top-k >= 2 is skipped and top-p > 1/2 is one softmax: the same floats and decisions as the
+    sort-based filter (so the same draws), ties, infinities and the published settings included."""
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.01, 1.0, 10.0, 300.0):
+        logits = torch.randn(8, 64, 32, 2, generator=g) * scale
+        logits[0, :4, 0] = torch.tensor([[1.0, 1.0], [0.0, 0.0], [-torch.inf, 0.0], [torch.inf, 1.0]])
+        for top_k, top_p in ((900, 0.97), (0, 0.97), (2, 0.6), (900, 0.51)):
+            ref = _sorted_top_p(logits, top_p)
+            out = top_k_top_p_filter(logits, top_k, top_p)
+            assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(), ref.nan_to_num())
+            assert torch.equal(out.softmax(-1).nan_to_num(7.0), ref.softmax(-1).nan_to_num(7.0))
+
+
 def test_top_k_one_keeps_argmax_and_filters_are_copies():
     logits = torch.tensor([[0.3, -1.0], [2.0, 5.0]])
     before = logits.clone()

@@ -1,12 +1,13 @@
 """BSQ VAE: conformance with fixture (c), released key layout at full size, input checks."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
 from conftest import VAE_DECODE_TOL, assert_close_recorded, load_fixture
-from vargpt.config import official_config, tiny_config
+from vargpt.config import VAEConfig, official_config, tiny_config
 from vargpt.errors import ConfigError, InputError
 from vargpt.models.quantizer import multiscale_bits, sum_codes
 from vargpt.models.vae import BSQVAE
@@ -56,6 +57,35 @@ def test_fixture_vae_conformance(fixture_vae, c, record_property):
         # the released 5-D code layout is accepted by decode too
         torch.testing.assert_close(fixture_vae.decode(c["summed_codes_from_bits"]), c["decoded_from_bits"],
                                    **VAE_DECODE_TOL)
+
+
+def test_channels_last_decode_psnr(fixture_vae, c):
+    """The engine's decode (channels-last activations) against the default fp32 decode of the same codes: PSNR >= 45
+    dB required (measured > 100 dB: the sums only come in another order), same shape and layout out."""
+    with torch.no_grad():
+        ref = fixture_vae.decode(c["quantized_summed"])
+        fast = fixture_vae.decode(c["quantized_summed"], channels_last=True)
+    assert fast.shape == ref.shape and fast.is_contiguous()
+    mse = (fast - ref).pow(2).mean().item()
+    assert mse == 0 or 10 * math.log10(4.0 / mse) >= 45  # peak-to-peak 2 for images in [-1, 1]
+
+
+@torch.no_grad()
+def test_channels_last_decode_with_refinement_blocks():
+    """The patch decoder with ``refine_blocks`` (random refinement weights, so the branch counts): channels-last
+    decode within 45 dB PSNR of the default layout, contiguous NCHW out."""
+    cfg = VAEConfig(codebook_dim=16, base_ch=32, arch="patch", patch_size=8, num_res_blocks=1, refine_blocks=2)
+    torch.manual_seed(0)
+    vae = BSQVAE(cfg).eval()
+    torch.nn.init.normal_(vae.decoder.refine.conv_out.conv.weight, std=0.05)
+    z = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    ref, fast = vae.decode(z), vae.decode(z, channels_last=True)
+    assert fast.shape == ref.shape == (2, 3, 64, 64) and fast.is_contiguous()
+    mse = (fast - ref).pow(2).mean().item()
+    assert mse == 0 or 10 * math.log10(4.0 / mse) >= 45
+    refine, vae.decoder.refine = vae.decoder.refine, None
+    assert (vae.decode(z, channels_last=True) - fast).abs().max() > 1e-3  # the refinement is part of what is compared
+    vae.decoder.refine = refine
 
 
 def test_fixture_decoder_labels(fixture_vae, c):

@@ -368,6 +368,19 @@ def test_rope_table_and_mask():
     assert m.tolist() == [[True] + [False] * 4] + [[True] * 5] * 4
 
 
+def test_rope_and_normalize_round_like_the_released_formulas():
+    """The blocks' rotation (x * cos + swap(x) * (-sin, sin)) and l2 normalisation give the released element-wise
+    formulas' floats bit for bit, on contiguous and on permuted (the qkv split's) inputs."""
+    g = torch.Generator().manual_seed(0)
+    table = rope2d_table(SCHED_256, 64)[:, :521]
+    cos, sin = visual_decoder._rope_pairs(table).unbind(0)
+    for x in (torch.randn(2, 2, 521, 64, generator=g) * 3, torch.randn(2, 521, 2, 64, generator=g).transpose(1, 2)):
+        a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+        ref = torch.stack([table[0] * a - table[1] * b, table[1] * a + table[0] * b], dim=-1).flatten(-2)
+        assert torch.equal(visual_decoder._apply_rope(x, cos, sin), ref)
+        assert torch.equal(visual_decoder._l2_normalize(x), F.normalize(x, dim=-1, eps=1e-12))
+
+
 def test_compat_bf16_cross_attention_changes_numerics(official):
     """The compat switch matters: without it the released logits are only reproduced to ~1e-3."""
     o = official

@@ -253,11 +253,12 @@ def vae_encode(model: Any, work: Workload, device: torch.device) -> Callable[[],
 
 
 def vae_decode(model: Any, work: Workload, device: torch.device) -> Callable[[], None]:
+    """The VAE decode as `Engine.decode` runs it (channels-last activations)."""
     z = work.tensors["vae_codes"].to(device=device, dtype=model.dtype)
 
     def run() -> None:
         with torch.no_grad():
-            model.vae_local.decode(z)
+            model.vae_local.decode(z, channels_last=True)
 
     return run
 

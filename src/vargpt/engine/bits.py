@@ -44,10 +44,14 @@ def top_k_top_p_filter(logits: Tensor, top_k: int = 0, top_p: float = 0.0) -> Te
     when the minority probability is <= 0.03.
     """
     V = logits.shape[-1]
-    if top_k > 0:
-        k = min(top_k, V)
-        kth = logits.topk(k, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
+    if 0 < top_k < V:  # top-k >= V keeps everything
+        kth = logits.topk(top_k, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
         logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p > 0.5 and V == 2:
+        # Two-way: the sorted cumsum's first entry is the smaller probability, dropped iff <= 1 - top_p; the larger
+        # one is >= 1/2 > 1 - top_p. One softmax gives the same floats (the sum of two is order-free) and the same
+        # decisions as the sort, cumsum and scatter below.
+        return logits.masked_fill(logits.softmax(dim=-1) <= (1 - top_p), -torch.inf)
     if top_p > 0:
         sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
         remove_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)

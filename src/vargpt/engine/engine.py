@@ -8,15 +8,20 @@ Named steps, composed by `generate_images` and by `vargpt.pipeline.VARGPTPipelin
    ``<|image_gen_start|>`` appended (`prompt_ids` does the same for ready token ids);
 2. `sample_scales(batch, schedule, sampling, generators)` -> `ImageTokens`: LLM prefill of both CFG branches,
    then the per-scale loop of `vargpt.engine.loop` (LLM in the loop, KV caches, cond + uncond rows in one batch);
-3. `decode(tokens)` -> images [N, 3, H, W] in [-1, 1] (the VAE).
+3. `decode(tokens)` -> images [N, 3, H, W] in [-1, 1] (the VAE, channels-last activations).
 
 `generate_images(prompts | input_ids, ...)` runs 1-3 and returns `GeneratedImages` (images, bits, schedule,
 seconds per step); `edit_images(images, instructions)` builds the editing prompts (the source image goes through
-the vision tower in the user turn); `generate_text(input_ids, ...)` answers with transformers' ``generate`` (KV
+the vision tower in the user turn); `generate_text(input_ids, ...)` answers as transformers' ``generate`` does (KV
 cache, greedy or sampled, batched) with mixed turns: when the LLM emits ``<|image_gen_start|>`` an image is
 generated, its tokens are put into the sequence (``<|image_gen_start|>`` + image stream + ``<|image_gen_end|>``,
 the training layout) and the text continues. `interrupt()` (any thread) stops a running image after its current
 scale with `GenerationInterrupted`.
+
+Everything runs in inference mode. The LLM (prefill, the image loop, text decoding) is `vargpt.engine.llm`'s
+`LeanLLM` when the model's attention runs through SDPA: transformers' layers and floats without its per-call
+overhead (tests compare hidden states, tokens and images with transformers' forward and ``generate``, which run
+otherwise).
 
 Unconditional CFG branch
 ------------------------
@@ -53,10 +58,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from transformers import LogitsProcessorList
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from vargpt.config import SamplingConfig
 from vargpt.data.records import gen_image_tensor
+from vargpt.engine import llm as fast_llm
 from vargpt.engine.loop import ImageTokens, sample_from_prompt
 from vargpt.errors import InputError
 from vargpt.models import vlm as V
@@ -195,6 +201,14 @@ class Engine:
             raise InputError(f"got {len(seeds)} seeds for {n} images; give one per image or a single seed")
         return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
+    def _llm(self) -> tuple[Callable[..., Tensor], Callable[[], object]]:
+        """The LLM forward and cache of the image loop: `vargpt.engine.llm` (the same floats, without transformers'
+        per-call overhead) when the model's attention runs through SDPA, else transformers' own."""
+        vlm = self.model.vlm
+        if fast_llm.supported(vlm):
+            return fast_llm.LeanLLM(vlm), fast_llm.KVCache
+        return functools.partial(V.llm_forward, vlm), functools.partial(V.new_cache, vlm)
+
     def _uncond_inputs(self, B: int) -> dict[str, Any]:
         """sample_from_prompt arguments of the unconditional rows (module docstring, "Unconditional CFG branch")."""
         m = self.model
@@ -203,7 +217,7 @@ class Engine:
         null = torch.tensor([null_prompt_ids(m.require_processor()) + [self.config.tokens.image_gen_start]],
                             device=self.device)
         embeds = m.vlm.model.get_input_embeddings()(null)
-        hidden = V.llm_forward(m.vlm, embeds)
+        hidden = self._llm()[0](embeds)
         context, _ = prompt_context(hidden, null, self.config.tokens.image_gen_start, m.image_gen_projector_out)
         return {"uncond_mode": "cached", "uncond_inputs_embeds_BSH": embeds,
                 "uncond_context_BNC": context.expand(B, -1, -1)}
@@ -224,7 +238,7 @@ class Engine:
             return {"source_latent": self.model.vae_local.encode_latent(px)}
         return {"source_BLC": source_term(self.model.vae_local, self.model.vargpt_gen, px, schedule)}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample_scales(self, batch: PromptBatch, schedule: Schedule, sampling: SamplingConfig | None = None, *,
                       generator: Generators = None, callback: Callable[[int, Tensor], None] | None = None,
                       return_logits: bool = False) -> ImageTokens:
@@ -241,7 +255,7 @@ class Engine:
         try:
             return sample_from_prompt(
                 m.vargpt_gen, m.image_gen_projector, m.image_gen_projector_out, m.sos_embedding,
-                functools.partial(V.llm_forward, m.vlm), functools.partial(V.new_cache, m.vlm), embeds, ids,
+                *self._llm(), embeds, ids,
                 schedule, sampling, start_id=self.config.tokens.image_gen_start, attention_mask_BS=mask,
                 generator=generator, return_logits=return_logits, callback=callback,
                 stop=self._interrupt.is_set, **self._source(batch, schedule),
@@ -251,14 +265,15 @@ class Engine:
 
     # ---- 3. decode
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, tokens: ImageTokens) -> Tensor:
-        """Summed codes -> images [N, 3, H, W] in [-1, 1] (fp32) through the VAE decoder."""
-        return self.model.vae_local.decode(tokens.summed_codes_BDHW.to(self.model.dtype)).float()
+        """Summed codes -> images [N, 3, H, W] in [-1, 1] (fp32) through the VAE decoder, its activations channels-last
+        (`BSQVAE.decode`: faster convolutions, pixels within ~1e-4 of the released layout's)."""
+        return self.model.vae_local.decode(tokens.summed_codes_BDHW.to(self.model.dtype), channels_last=True).float()
 
     # ---- composed
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate_images(self, prompts: str | Sequence[str] | None = None, *, input_ids: Tensor | None = None,
                         attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
                         image_grid_thw: Tensor | None = None, sampling: SamplingConfig | None = None,
@@ -292,7 +307,7 @@ class Engine:
         return GeneratedImages(images, tokens.bits, schedule, tokens.logits,
                                {"encode": t1 - t0, "sample": t2 - t1, "decode": t3 - t2})
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def edit_images(self, images: Sequence[Any], instructions: Sequence[str], **kwargs: Any) -> GeneratedImages:
         """Editing: each source image through the vision tower in the user turn + its instruction -> new image."""
         if len(images) != len(instructions):
@@ -314,19 +329,49 @@ class Engine:
     def _text_generate(self, ids: Tensor, mask: Tensor, *, max_new_tokens: int, allow_image: bool,
                        inputs_embeds: Tensor | None = None, extra: dict[str, Any],
                        gen_kwargs: dict[str, Any]) -> Tensor:
-        """New tokens of transformers' generate; it stops at ``<|image_gen_start|>`` when an image may come."""
-        t = self.config.tokens
+        """New tokens of transformers' generate; it stops at ``<|image_gen_start|>`` when an image may come. With SDPA
+        attention and the default generation config the same tokens come from `_lean_generate`."""
+        t, vlm = self.config.tokens, self.model.vlm
+        if fast_llm.supported(vlm) and fast_llm.default_generation(vlm):
+            return self._lean_generate(ids, mask, max_new_tokens=max_new_tokens, allow_image=allow_image,
+                                       inputs_embeds=inputs_embeds, extra=extra, gen_kwargs=gen_kwargs)
         kw = dict(gen_kwargs)
         if not allow_image:
             kw["suppress_tokens"] = [t.image_gen_start]
         if inputs_embeds is not None:
             kw["inputs_embeds"] = inputs_embeds
-        out = self.model.vlm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                      eos_token_id=[t.im_end] + ([t.image_gen_start] if allow_image else []),
-                                      pad_token_id=t.endoftext, **extra, **kw)
+        out = vlm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                           eos_token_id=[t.im_end] + ([t.image_gen_start] if allow_image else []),
+                           pad_token_id=t.endoftext, **extra, **kw)
         return out[:, ids.shape[1]:]  # transformers returns prompt + new tokens
 
-    @torch.no_grad()
+    def _lean_generate(self, ids: Tensor, mask: Tensor, *, max_new_tokens: int, allow_image: bool,
+                       inputs_embeds: Tensor | None, extra: dict[str, Any], gen_kwargs: dict[str, Any]) -> Tensor:
+        """`_text_generate` through `vargpt.engine.llm.generate_tokens`: transformers' suppression, processors and
+        warpers in its order, its positions (M-RoPE when ``extra`` holds images, else the running count of real tokens
+        on every axis), without its per-token overhead."""
+        t, vlm = self.config.tokens, self.model.vlm
+        procs = list(gen_kwargs["logits_processor"])
+        if gen_kwargs["do_sample"]:
+            temp, k, p = gen_kwargs["temperature"], gen_kwargs["top_k"], gen_kwargs["top_p"]
+            procs += [TemperatureLogitsWarper(temp)] if temp != 1.0 else []
+            procs += [TopKLogitsWarper(k)] if k else []
+            procs += [TopPLogitsWarper(p)] if p < 1.0 else []
+        if inputs_embeds is None:  # (with an image_place module generate_text has embedded the images already)
+            inputs_embeds = V.embed_inputs(vlm, ids, extra.get("pixel_values"), extra.get("image_grid_thw"),
+                                           self.model.image_place)
+        if "image_grid_thw" in extra:
+            pos = V.rope_positions(vlm, ids, extra["image_grid_thw"], mask)[0]
+        else:
+            pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0).unsqueeze(0).expand(3, -1, -1)
+        return fast_llm.generate_tokens(fast_llm.LeanLLM(vlm), ids, inputs_embeds, pos, mask,
+                                        max_new_tokens=max_new_tokens, pad_id=t.endoftext,
+                                        eos_ids=[t.im_end] + ([t.image_gen_start] if allow_image else []),
+                                        suppress_ids=[] if allow_image else [t.image_gen_start],
+                                        processors=procs, do_sample=gen_kwargs["do_sample"],
+                                        streamer=gen_kwargs["streamer"])
+
+    @torch.inference_mode()
     def generate_text(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                       pixel_values: Tensor | None = None, image_grid_thw: Tensor | None = None, *,
                       max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,

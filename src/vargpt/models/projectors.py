@@ -39,10 +39,10 @@ class ImagePlaceEmbedding(nn.Module):
     def __init__(self, max_side: int, dim: int, merge: int) -> None:
         super().__init__()
         self.merge = merge
-        self.row = nn.Embedding(max_side, dim)
-        self.col = nn.Embedding(max_side, dim)
-        nn.init.zeros_(self.row.weight)
-        nn.init.zeros_(self.col.weight)
+        # zeros given up front: building the module draws nothing from the global RNG, so every module built after
+        # it (and a vision stage that trains only the tower) starts as it would without it
+        self.row = nn.Embedding(max_side, dim, _weight=torch.zeros(max_side, dim))
+        self.col = nn.Embedding(max_side, dim, _weight=torch.zeros(max_side, dim))
 
     def forward(self, grid_thw_N3: Tensor) -> Tensor:
         """Embeddings of every merged token of images with patch grids ``grid_thw_N3``, in the vision tower's

@@ -78,9 +78,11 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = Conv(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+        # in place where the tensor is this block's own (no new 8 MB buffers at 256 px; the same floats, and the
+        # same gradients: neither GroupNorm's nor the conv's backward reads its output)
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
 class Downsample(nn.Module):
@@ -175,7 +177,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 class PatchEncoder(nn.Module):
@@ -318,14 +320,20 @@ class BSQVAE(nn.Module):
         return multiscale_bits(latent, schedule or self.schedule_for(latent, latent=True),
                                self_correction=self_correction, generator=generator, source_BDHW=src)
 
-    def decode(self, z_BDHW: Tensor) -> Tensor:
-        """Latent or summed codes [B, D, h, w] -> image [B, C, h*stride, w*stride] clamped to [-1, 1]."""
+    def decode(self, z_BDHW: Tensor, *, channels_last: bool = False) -> Tensor:
+        """Latent or summed codes [B, D, h, w] -> image [B, C, h*stride, w*stride] clamped to [-1, 1].
+
+        ``channels_last``: the activations in NHWC (the engine's choice): oneDNN's 3x3 convolutions at 256 px run
+        ~2x faster on them (fp32 on a CPU, one thread); the sums come in another order, so the pixels move by up to
+        ~1e-4 (PSNR > 100 dB against the default; tests). The default keeps the released layout and its floats."""
         if z_BDHW.ndim == 5 and z_BDHW.shape[2] == 1:  # released [B, D, 1, h, w]
             z_BDHW = z_BDHW.squeeze(2)
         if z_BDHW.ndim != 4 or z_BDHW.shape[1] != self.cfg.codebook_dim:
             raise InputError(f"codes must be [B, {self.cfg.codebook_dim}, h, w], got shape {tuple(z_BDHW.shape)}")
-        w = self.decoder.conv_in.conv.weight
-        return self.decoder(z_BDHW.to(w.dtype)).clamp(-1, 1)
+        z = z_BDHW.to(self.decoder.conv_in.conv.weight.dtype)
+        if channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        return self.decoder(z).clamp(-1, 1).contiguous()
 
     def decode_bits(self, bits_list: Sequence[Tensor], schedule: Schedule | None = None) -> Tensor:
         """Per-scale bits [B, h_k, w_k, D] (a prefix of a schedule is fine) -> image at the final size.

@@ -126,12 +126,23 @@ def rope2d_table(schedule: Schedule, head_dim: int, *, theta: float = 10000.0, m
     return table
 
 
-def _apply_rope(x_BHLc: Tensor, table_2Lh: Tensor) -> Tensor:
-    """Rotate consecutive (even, odd) pairs of the last axis by the table's angles (element-wise, as released)."""
+def _rope_pairs(table_2Lh: Tensor) -> Tensor:
+    """``rope2d_table`` in the form `_apply_rope` uses, [2, L, 2h]: each angle's cos twice, then (-sin, sin)."""
     cos, sin = table_2Lh[0], table_2Lh[1]
-    x = x_BHLc.reshape(*x_BHLc.shape[:-1], -1, 2)
-    a, b = x[..., 0], x[..., 1]
-    return torch.stack([cos * a - sin * b, sin * a + cos * b], dim=-1).reshape(x_BHLc.shape)
+    return torch.stack([cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)])
+
+
+def _apply_rope(x_BHLc: Tensor, cos_Lc: Tensor, sin_Lc: Tensor) -> Tensor:
+    """Rotate consecutive (even, odd) pairs (a, b) of the last axis to (a cos - b sin, a sin + b cos): as
+    ``x * cos + swap(x) * (-sin, sin)``, which rounds exactly like the released element-wise formula (the same
+    products, added in an order that IEEE addition does not see) in 3 ops instead of 8."""
+    swapped = x_BHLc.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x_BHLc * cos_Lc + swapped * sin_Lc
+
+
+def _l2_normalize(x: Tensor) -> Tensor:
+    """``F.normalize(x, dim=-1, eps=1e-12)``: the same norm kernel and division, two operations fewer."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def block_causal_mask(schedule: Schedule, device: torch.device | None = None) -> Tensor:
@@ -199,15 +210,18 @@ class DecoderKVCache:
     """Self-attention keys/values of every block for the scales decoded so far (preallocated).
 
     ``length`` = tokens already cached (= where the next scale starts). Cross-attention keys/values of the
-    (fixed) context are computed at the first step and kept in ``context_kv``.
+    (fixed) context and each block's per-batch constants (AdaLN modulation, qkv bias; the head's modulation) are
+    computed at the first step and kept in ``context_kv`` / ``block_constants`` / ``head_modulation``.
     """
 
     def __init__(self, depth: int, batch_size: int, num_heads: int, head_dim: int, max_length: int, *,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
-        shape = (batch_size, num_heads, max_length, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
+        shape = (batch_size, num_heads, max_length, head_dim)  # uninitialised: `update` writes before it returns
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(depth)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(depth)]
         self.context_kv: list[tuple[Tensor, Tensor] | None] = [None] * depth
+        self.block_constants: list[tuple | None] = [None] * depth  # `DecoderBlock.constants` of this batch
+        self.head_modulation: tuple[Tensor, Tensor] | None = None  # the head AdaLN's (1 + scale, shift)
         self.length = 0
         self.max_length = max_length
 
@@ -233,22 +247,30 @@ def _drop_path_scales(batch_size: int, p: float, generator: torch.Generator | No
     return keep.to(device=device, dtype=dtype) / (1.0 - p)
 
 
-def _ada_ln(x: Tensor, scale: Tensor, shift: Tensor, eps: float) -> Tensor:
-    """LayerNorm without affine in fp32, then x * (1 + scale) + shift (the released fused op), in x's dtype."""
-    y = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
-    return y.mul(scale.float().add(1)).add_(shift.float()).to(x.dtype)
+def _ada_ln(x: Tensor, scale1p: Tensor, shift: Tensor, eps: float) -> Tensor:
+    """LayerNorm without affine in fp32, then x * (1 + scale) + shift (the released fused op), in x's dtype;
+    ``scale1p`` = 1 + scale and ``shift`` in fp32 (`_modulation`)."""
+    fp32 = x.dtype == torch.float32
+    y = F.layer_norm(x if fp32 else x.float(), (x.shape[-1],), eps=eps).mul(scale1p).add_(shift)
+    return y if fp32 else y.to(x.dtype)
+
+
+def _modulation(scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """(1 + scale, shift) in fp32: what `_ada_ln` takes."""
+    return scale.float().add(1), shift.float()
 
 
 def _cross_attend(q_BHLc: Tensor, k_BHNc: Tensor, v_BHNc: Tensor, mask_BN: Tensor | None, scale: float,
                   bf16: bool) -> Tensor:
-    """Softmax attention over a padded key axis. ``bf16``: inputs rounded to bf16, fp32 math, output rounded
-    to bf16 (what the released flash-attn call does on an fp32 model), returned in the input dtype."""
+    """Softmax attention over a padded key axis. ``bf16``: inputs rounded to bf16 (the keys and values arrive
+    rounded, `CrossAttention.context_kv`), fp32 math, output rounded to bf16 (what the released flash-attn call does
+    on an fp32 model), returned in the input dtype."""
     mask = None if mask_BN is None else mask_BN[:, None, None, :]
     if not bf16:
         return F.scaled_dot_product_attention(q_BHLc, k_BHNc, v_BHNc, attn_mask=mask, scale=scale)
     # Plain fp32 softmax(q k^T * scale) v on bf16-rounded inputs: of the fp32 formulations tried this one
     # rounds like the reference used for the fixtures (fewest bf16 rounding flips).
-    q, k, v = (t.to(torch.bfloat16).float() for t in (q_BHLc, k_BHNc, v_BHNc))
+    q, k, v = q_BHLc.to(torch.bfloat16).float(), k_BHNc, v_BHNc
     scores = (q @ k.transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, -torch.inf)
@@ -269,14 +291,18 @@ class SelfAttention(nn.Module):
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
         self.proj = nn.Linear(dim, dim)
 
-    def qkv(self, x_BLC: Tensor, rope_2Lh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def constants(self) -> tuple[Tensor, Tensor]:
+        """The qkv bias (q, 0, v) and the query scale exp(min(s, ln 100)) [1, H, 1, 1]."""
+        return torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)), self.scale_mul_1H11.clamp_max(_LN_100).exp()
+
+    def qkv(self, x_BLC: Tensor, rope_2Lc: Tensor,
+            constants: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         B, L, C = x_BLC.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        bias, q_scale = constants if constants is not None else self.constants()
         qkv = F.linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q = F.normalize(q, dim=-1, eps=1e-12).mul(self.scale_mul_1H11.clamp_max(_LN_100).exp())
-        k = F.normalize(k, dim=-1, eps=1e-12)
-        return _apply_rope(q, rope_2Lh), _apply_rope(k, rope_2Lh), v
+        cos, sin = rope_2Lc.unbind(0)
+        return _apply_rope(_l2_normalize(q).mul(q_scale), cos, sin), _apply_rope(_l2_normalize(k), cos, sin), v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         B, _, L, _ = q.shape
@@ -310,6 +336,8 @@ class CrossAttention(nn.Module):
         w = self.mat_kv.weight
         kv = F.linear(context_BNC.to(w.dtype), w, torch.cat((self.zero_k_bias, self.v_bias)))
         k, v = kv.view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.bf16:  # rounded once per context (`_cross_attend`), not at every scale
+            k, v = k.to(torch.bfloat16).float(), v.to(torch.bfloat16).float()
         return k, v
 
     def forward(self, x_BLC: Tensor | None, context_BNC: Tensor, mask_BN: Tensor | None,
@@ -349,27 +377,41 @@ class DecoderBlock(nn.Module):
         self.ca_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
         self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C**0.5)
 
+    def constants(self, gss_B16C: Tensor, dtype: torch.dtype) -> tuple:
+        """What a batch's forward computes before its tokens: the AdaLN gates and `_modulation` s, and the
+        self-attention's `SelfAttention.constants` (kept in the `DecoderKVCache` across the scales of a sample)."""
+        g1, g2, s1, s2, b1, b2 = (self.ada_gss + gss_B16C).to(dtype).unbind(2)
+        return g1, g2, _modulation(s1, b1), _modulation(s2, b2), self.sa.constants()
+
     def forward(self, x_BLC: Tensor, gss_B16C: Tensor, context_BNC: Tensor, context_mask_BN: Tensor | None,
-                rope_2Lh: Tensor, *, attn_mask: Tensor | None = None, cache: DecoderKVCache | None = None,
+                rope_2Lc: Tensor, *, attn_mask: Tensor | None = None, cache: DecoderKVCache | None = None,
                 layer: int = 0, start: int = 0, drop_B11: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        g1, g2, s1, s2, b1, b2 = (self.ada_gss + gss_B16C).to(x_BLC.dtype).unbind(2)
-        q, k, v = self.sa.qkv(_ada_ln(x_BLC, s1, b1, self.eps), rope_2Lh)
+        if cache is None:
+            consts = self.constants(gss_B16C, x_BLC.dtype)
+        else:
+            if cache.block_constants[layer] is None:
+                cache.block_constants[layer] = self.constants(gss_B16C, x_BLC.dtype)
+            consts = cache.block_constants[layer]
+        g1, g2, mod1, mod2, sa_consts = consts
+        q, k, v = self.sa.qkv(_ada_ln(x_BLC, *mod1, self.eps), rope_2Lc, sa_consts)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
+        # residuals added in place into each branch's own fresh output (no new buffer; autograd-safe: neither the
+        # gate product nor a linear layer needs its output for backward; x + h and h + x are the same floats)
         h = self.sa.attend(q, k, v, attn_mask).mul(g1)
         if drop_B11 is not None:
             h = h * drop_B11[0]
-        x_BLC = x_BLC + h
+        x_BLC = h.add_(x_BLC)
         ca_kv = None
         if cache is not None:
             if cache.context_kv[layer] is None:
                 cache.context_kv[layer] = self.ca.context_kv(context_BNC)
             ca_kv = cache.context_kv[layer]
-        x_BLC = x_BLC + self.ca(self.ca_norm(x_BLC), context_BNC, context_mask_BN, ca_kv)
-        h = self.ffn(_ada_ln(x_BLC, s2, b2, self.eps)).mul(g2)
+        x_BLC = self.ca(self.ca_norm(x_BLC), context_BNC, context_mask_BN, ca_kv).add_(x_BLC)
+        h = self.ffn(_ada_ln(x_BLC, *mod2, self.eps)).mul(g2)
         if drop_B11 is not None:
             h = h * drop_B11[1]
-        return x_BLC + h
+        return h.add_(x_BLC)
 
 
 class _Chunk(nn.Module):
@@ -408,9 +450,12 @@ class _HeadAdaLN(nn.Module):
         self.eps = eps
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x_BLC: Tensor, cond_BD: Tensor) -> Tensor:
-        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, x_BLC.shape[-1]).unbind(2)
-        return _ada_ln(x_BLC, scale, shift, self.eps)
+    def modulation(self, cond_BD: Tensor) -> tuple[Tensor, Tensor]:
+        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, cond_BD.shape[-1]).unbind(2)
+        return _modulation(scale, shift)
+
+    def forward(self, x_BLC: Tensor, cond_BD: Tensor, modulation: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        return _ada_ln(x_BLC, *(modulation if modulation is not None else self.modulation(cond_BD)), self.eps)
 
 
 # ----------------------------------------------------------------------------------------------- decoder
@@ -476,12 +521,14 @@ class VisualDecoder(nn.Module):
         return [b for chunk in self.block_chunks for b in chunk.module]
 
     def rope(self, schedule: Schedule, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """The 2-D RoPE table of ``schedule``'s template (memoised per template, device and dtype)."""
-        key = (_template_for(schedule), device, dtype)
+        """The 2-D RoPE table of ``schedule``'s template as the blocks use it (`_rope_pairs`), [2, L, head_dim]
+        (memoised per schedule, device and dtype; built outside inference mode so training can use it too)."""
+        key = (tuple(tuple(s) for s in schedule), device, dtype)
         if key not in self._rope:
-            table = rope2d_table(schedule, self.cfg.head_dim, theta=self.cfg.rope_theta,
-                                 max_grid=self.cfg.rope_max_grid, pad_to=self.cfg.pad_to_multiplier)
-            self._rope[key] = table.to(device=device, dtype=dtype)
+            with torch.inference_mode(False):
+                table = rope2d_table(schedule, self.cfg.head_dim, theta=self.cfg.rope_theta,
+                                     max_grid=self.cfg.rope_max_grid, pad_to=self.cfg.pad_to_multiplier)
+                self._rope[key] = _rope_pairs(table.to(device=device, dtype=dtype))
         return self._rope[key]
 
     def padded_length(self, schedule: Schedule) -> int:
@@ -543,10 +590,12 @@ class VisualDecoder(nn.Module):
         """Teacher-forcing sequence [B, L, C]: first token, then the embedded inputs of scales 1..K-1."""
         return torch.cat([self.first_tokens(cond_BD), self.embed_inputs(x_wo_prefix_BlD)], dim=1)
 
-    def get_logits(self, h_BLC: Tensor, cond_BD: Tensor, source_BLC: Tensor | None = None) -> Tensor:
+    def get_logits(self, h_BLC: Tensor, cond_BD: Tensor, source_BLC: Tensor | None = None,
+                   modulation: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Head AdaLN + bitwise head: [B, L, 2D] (columns 2d, 2d+1 = logits of bit d being 0, 1); with a source
-        term (of these positions), ``source_copy`` of it moves each bit's pair of logits apart."""
-        logits = self.head(self.head_nm(h_BLC.to(cond_BD.dtype), cond_BD))
+        term (of these positions), ``source_copy`` of it moves each bit's pair of logits apart. ``modulation``: the
+        head AdaLN's of ``cond_BD``, when kept (`DecoderKVCache`)."""
+        logits = self.head(self.head_nm(h_BLC.to(cond_BD.dtype), cond_BD, modulation))
         if source_BLC is None or self.source_copy is None:
             return logits
         half = 0.5 * self.source_copy(source_BLC.to(logits.dtype))
@@ -607,5 +656,8 @@ class VisualDecoder(nn.Module):
             x = block(x, cond.gss_B16C, cond.context_BNC, cond.context_mask_BN, rope, cache=cache, layer=i,
                       start=start)
         cache.length = start + l
+        if cache.head_modulation is None:
+            cache.head_modulation = self.head_nm.modulation(cond.cond_BD)
         return self.get_logits(x, cond.cond_BD,
-                               None if cond.source_BLC is None else cond.source_BLC[:, start:start + l])
+                               None if cond.source_BLC is None else cond.source_BLC[:, start:start + l],
+                               cache.head_modulation)
