@@ -3,10 +3,10 @@
 For the runs of `scripts/build_embedded_default.sh` under ROOT:
 * loss: mean of the first and of the last ``--window`` logged losses of every stage (does each stage's loss fall?);
   DPO also reports its reward accuracy and margin at the start and at the end;
-* DPO: GenEval-style text-to-image score before (gen) and after (dpo), one score per sampling seed,
-  with mean and spread;
-* editing SFT: edit success before (dpo) and after (edit), per seed;
-* understanding: VQA accuracy of the final model.
+* DPO: GenEval-style text-to-image score before (the model DPO started from, its recipe's model.checkpoint) and
+  after (dpo), one score per sampling seed, with mean and spread; also the edit score, which DPO must not lose;
+* editing SFT: edit success and text-to-image score before (the model it started from) and after (edit), per seed;
+* understanding: VQA accuracy of the final model (the last stage of the chain).
 All at ``--size`` (default 64, the resolution every stage trains at), on the test split.
 
     python benchmarks/stage_gains.py --root runs/tiny --n 64 --seeds 0 1 2 --json benchmarks/stage_gains.json
@@ -26,8 +26,9 @@ from vargpt.engine import Engine
 from vargpt.eval import tasks
 from vargpt.models.vargpt import VARGPT
 from vargpt.pipeline import VARGPTPipeline
+from vargpt.training.recipe import load_recipe
 
-STAGES = ("understanding", "gen", "dpo", "edit")
+STAGES = ("understanding", "gen", "edit", "dpo")  # the chain's order; the last is shipped
 
 
 def loss_trend(run: Path, window: int) -> dict:
@@ -43,6 +44,14 @@ def loss_trend(run: Path, window: int) -> dict:
         if key in rows[0]:
             out[f"{key}_first"], out[f"{key}_last"] = mean(first, key), mean(last, key)
     return out
+
+
+def _start_stage(run: Path) -> str:
+    """The stage whose model a stage's run started from (the ``model.checkpoint`` of its saved recipe)."""
+    ckpt = Path(load_recipe(run / "recipe.yaml").model.checkpoint)
+    if ckpt.name != "model" or ckpt.parent.name not in STAGES:
+        raise SystemExit(f"{run}: started from {ckpt}, not from a stage of this chain {STAGES}")
+    return ckpt.parent.name
 
 
 def main() -> None:
@@ -73,9 +82,13 @@ def main() -> None:
         rep.pop("images")
         return rep
 
-    report["dpo"] = {"before": t2i("gen"), "after": t2i("dpo")}
-    report["edit_sft"] = {"before": edit("dpo"), "after": edit("edit")}
-    report["vqa_final"] = tasks.evaluate_vqa(VARGPTPipeline.from_pretrained(model_dir["edit"], progress=False),
+    start = {s: _start_stage(args.root / s) for s in ("dpo", "edit")}
+    report["start"] = start
+    report["dpo"] = {"before": t2i(start["dpo"]), "after": t2i("dpo"),
+                     "edit_before": edit(start["dpo"]), "edit_after": edit("dpo")}
+    report["edit_sft"] = {"before": edit(start["edit"]), "after": edit("edit"),
+                          "t2i_before": t2i(start["edit"]), "t2i_after": t2i("edit")}
+    report["vqa_final"] = tasks.evaluate_vqa(VARGPTPipeline.from_pretrained(model_dir[STAGES[-1]], progress=False),
                                              tasks.vqa_cases(args.n, size=args.size))
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     def fmt(score: dict) -> str:
@@ -84,7 +97,9 @@ def main() -> None:
     summary = {
         "loss first -> last": {s: f"{v['loss_first']:.4f} -> {v['loss_last']:.4f}" for s, v in report["loss"].items()},
         "dpo t2i before/after": [fmt(report["dpo"][k]["score"]) for k in ("before", "after")],
+        "dpo edit before/after": [fmt(report["dpo"][k]["score"]) for k in ("edit_before", "edit_after")],
         "edit before/after": [fmt(report["edit_sft"][k]["score"]) for k in ("before", "after")],
+        "edit-sft t2i before/after": [fmt(report["edit_sft"][k]["score"]) for k in ("t2i_before", "t2i_after")],
         "vqa final": report["vqa_final"]["accuracy"],
     }
     print(json.dumps(summary, indent=1))

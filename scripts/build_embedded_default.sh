@@ -3,8 +3,9 @@
 #   ShapesWorld data (64 px) + tiny BPE tokenizer
 #   -> in parallel: the patch VAE (`vargpt train vae`, one core) | vision-tower pretraining on dense scene labels
 #      (`python -m vargpt.training.embedded vision`) then understanding SFT (recipes/tiny/understanding.yaml)
-#   -> text-to-image SFT (recipes/tiny/gen.yaml; two processes) -> on-policy preferences + DPO (recipes/tiny/dpo.yaml)
-#   -> editing SFT (recipes/tiny/edit.yaml) -> `vargpt eval` on held-out records -> (INSTALL=1) into the package.
+#   -> text-to-image SFT (recipes/tiny/gen.yaml; two processes) -> editing SFT (recipes/tiny/edit.yaml)
+#   -> on-policy preferences + DPO (recipes/tiny/dpo.yaml) -> `vargpt eval` on held-out records
+#   -> (INSTALL=1) into the package.
 #
 #   scripts/build_embedded_default.sh            # full build under runs/tiny (ROOT), about 2.5 h on 2 CPU cores
 #   QUICK=1 scripts/build_embedded_default.sh    # smoke run: a few steps per stage on tiny data, under runs/tiny_quick
@@ -24,7 +25,7 @@ if [[ $QUICK == 1 ]]; then
     QUICK_ARGS=(max_steps=3 log_every=1 checkpoint.every=3 data.num_workers=0)
 else
     ROOT=${ROOT:-runs/tiny}
-    N_UND=30000; N_T2I=40000; N_VAE=8000; N_EDIT=20000; TOK_N=2000; VAE_STEPS=15000; VISION_STEPS=1500; PREF_N=1536; EVAL_N=64
+    N_UND=30000; N_T2I=40000; N_VAE=8000; N_EDIT=20000; TOK_N=2000; VAE_STEPS=15000; VISION_STEPS=1500; PREF_N=768; EVAL_N=64
     EVAL_SEEDS=0,1,2
     QUICK_ARGS=()
 fi
@@ -97,16 +98,18 @@ run_stage gen "$(model_done "$ROOT/gen")" "$PYTHON" -m torch.distributed.run --s
     "model.checkpoint=$ROOT/understanding/model" "model.vae=$ROOT/vae" "data.sources.0.path=$DATA/t2i64" \
     "data.sources.1.path=$DATA/und64" "${QUICK_ARGS[@]}" "${EXTRA[@]}"
 
-# ---- DPO on the SFT model's own samples, judged by the checker
-run_stage preferences "$ROOT/prefs/records.jsonl" "$PYTHON" -m vargpt data preferences --model "$ROOT/gen/model" \
-    --out "$ROOT/prefs" --n "$PREF_N" --samples 4 --size 64 --device "$DEVICE" $([[ $QUICK == 1 ]] && echo --render-chosen)
-run_stage dpo "$(model_done "$ROOT/dpo")" train dpo "$ROOT/dpo" "model.checkpoint=$ROOT/gen/model" \
-    "data.sources.0.path=$ROOT/prefs"
-
-# ---- editing SFT
-run_stage edit "$(model_done "$ROOT/edit")" train edit "$ROOT/edit" "model.checkpoint=$ROOT/dpo/model" \
+# ---- editing SFT, from the text-to-image model (edits from a DPO model lost position: docs/training.md)
+run_stage edit "$(model_done "$ROOT/edit")" train edit "$ROOT/edit" "model.checkpoint=$ROOT/gen/model" \
     "data.sources.0.path=$DATA/edit64" "data.sources.1.path=$DATA/t2i64" "data.sources.2.path=$DATA/und64"
-FINAL=$ROOT/edit/model
+
+# ---- DPO on the editing model's own samples, judged by the checker: 8 samples at temperature 1 of the prompt
+#      categories where it fails most (at its own tau nearly every sample passes and there is nothing to prefer)
+run_stage preferences "$ROOT/prefs/records.jsonl" "$PYTHON" -m vargpt data preferences --model "$ROOT/edit/model" \
+    --out "$ROOT/prefs" --n "$PREF_N" --samples 8 --tau 1.0 --categories position,counting,color_attr --size 64 \
+    --device "$DEVICE" $([[ $QUICK == 1 ]] && echo --render-chosen)
+run_stage dpo "$(model_done "$ROOT/dpo")" train dpo "$ROOT/dpo" "model.checkpoint=$ROOT/edit/model" \
+    "data.sources.0.path=$ROOT/prefs"
+FINAL=$ROOT/dpo/model
 
 # ---- held-out scores (test split, the checker), the same report `vargpt eval` writes
 run_stage eval "$ROOT/eval/report.json" "$PYTHON" -m vargpt eval --model "$FINAL" --n "$EVAL_N" \
@@ -119,6 +122,8 @@ if [[ $INSTALL == 1 && $QUICK != 1 ]]; then
     mkdir -p "$ASSETS"
     cp "$FINAL"/* "$ASSETS"/
     cp "$ROOT/eval/report.json" "$ASSETS/check.json"
+    cp "$ROOT/build.log" "$ASSETS/build.log"  # every stage's command and wall time
+    "$PYTHON" benchmarks/plot_chain_losses.py --root "$ROOT" --out "$ASSETS/losses.png"
     chmod a+r "$ASSETS"/*
     echo "embedded default installed in $ASSETS: $(du -sh "$ASSETS" | cut -f1)"
 fi

@@ -232,3 +232,30 @@ def test_rms_norm_is_transformers_rms_norm():
             norm.weight.data = (torch.randn(hidden, generator=g) * 0.1 + 1).to(dtype)
             x = (torch.randn(3, 17, hidden, generator=g) * 5).to(dtype)
             assert torch.equal(fast._rms_norm(x, norm.weight, 1e-6), norm(x)), (dtype, hidden)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("q_len,past", [(5, 7), (1, 9), (12, 0)])
+def test_additive_mask_gives_the_bool_mask_attention(padded, q_len, past):
+    """`_attention_mask` (0 / -inf, shared by the rows without padding) gives SDPA's floats of transformers' bool
+    mask, one copy per row, which SDPA converts itself."""
+    g = torch.Generator().manual_seed(q_len + past)
+    B, H, D, kv = 3, 4, 16, past + q_len
+    padding = torch.ones(B, kv, dtype=torch.long)
+    if padded:
+        padding[1, :2] = 0
+        padding[2, :4] = 0
+    padding = padding if padded else None
+    mask = fast._attention_mask(padding, B, q_len, kv, torch.device("cpu"))
+    if mask is None:
+        assert not padded and (q_len == 1 or past == 0)
+        return
+    j = torch.arange(kv)
+    ref = (j[None, None, None, :] <= j[None, None, past:, None]).expand(B, -1, -1, -1)
+    if padding is not None:
+        ref = ref & padding[:, None, None, :].bool()
+    assert mask.dtype == torch.float32 and mask.shape[0] == (B if padded else 1)
+    q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (q_len, kv, kv))
+    got = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=ref, scale=0.25)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)  # (rows of padding see nothing)

@@ -93,3 +93,36 @@ def test_bit_logit_layout_and_per_scale_settings():
     with pytest.raises(InputError):
         per_scale([1.0], 3, "tau")
     SamplingConfig(cfg_scale=[1.0, 3.0], tau=[0.5, 1.0]).validate()
+
+
+def _multinomial_reference(logits, tau, top_k, top_p, generators):
+    """What `sample_bits` did before its batched draw: the filter, a softmax, one multinomial call per sample."""
+    B, l, D = logits.shape[:3]
+    logits = logits if tau == 1.0 else logits.mul(1 / tau)
+    probs = top_k_top_p_filter(logits, top_k, top_p).softmax(dim=-1)
+    return torch.stack([torch.multinomial(probs[b].reshape(-1, 2), 1, replacement=True, generator=g).view(l, D)
+                        for b, g in enumerate(generators)])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 32, 2), (2, 1, 3, 2), (3, 36, 32, 2), (16, 64, 32, 2)])
+@pytest.mark.parametrize("top_k,top_p,tau", [(0, 0.0, 1.0), (0, 0.97, 1.0), (2, 0.9, 0.5), (1, 0.0, 1.0),
+                                              (0, 0.3, 1.0), (900, 0.97, 2.0)])
+def test_per_sample_draws_are_the_per_sample_multinomial_calls(shape, top_k, top_p, tau):
+    logits = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0] * 100 + shape[1])) * 4
+    logits[0, 0, 0] = torch.tensor([30.0, -30.0])  # a bit forced by top-p
+    seeds = [7 + b for b in range(shape[0])]
+    got = sample_bits(logits, tau=tau, top_k=top_k, top_p=top_p,
+                      generator=[torch.Generator().manual_seed(s) for s in seeds])
+    ref = _multinomial_reference(logits, tau, top_k, top_p, [torch.Generator().manual_seed(s) for s in seeds])
+    assert torch.equal(got, ref)
+    one = sample_bits(logits, tau=tau, top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(3))
+    probs = top_k_top_p_filter(logits if tau == 1.0 else logits.mul(1 / tau), top_k, top_p).softmax(-1)
+    draws = torch.multinomial(probs.reshape(-1, 2), 1, replacement=True, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(one, draws.view(shape[:3]))
+
+
+def test_per_sample_draws_reject_nan_like_multinomial():
+    logits = torch.zeros(2, 1, 4, 2)
+    logits[1, 0, 2, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="nan"):
+        sample_bits(logits, generator=[torch.Generator(), torch.Generator()])

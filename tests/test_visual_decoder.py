@@ -490,3 +490,25 @@ def test_sample_from_prompt_batch_equals_single_prompts(official, uncond_mode):
     with pytest.raises(InputError):
         sample_from_prompt(o.dec, o.pin, o.pout, o.sos, llm, new_cache, embed(ids[:, :-1]), ids[:, :-1], sched,
                            sampling, start_id=start)
+
+
+def test_bf16_cross_attention_kv_layout_keeps_the_floats():
+    """`CrossAttention.context_kv` (bf16 compat) lays k^T and v out as `_cross_attend`'s matmuls want them: the output
+    equals the one on the permuted views it used to keep."""
+    g = torch.Generator().manual_seed(0)
+    ca = visual_decoder.CrossAttention(64, 64, 2, bf16=True)
+    with torch.no_grad():
+        for p in ca.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    x, ctx = torch.randn(3, 20, 64, generator=g), torch.randn(3, 9, 64, generator=g)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    kv = ca.context_kv(ctx)
+    B, N, _ = ctx.shape
+    w = ca.mat_kv.weight
+    kv_ref = F.linear(ctx, w, torch.cat((ca.zero_k_bias, ca.v_bias))).view(B, N, 2, 2, 32)
+    k, v = kv_ref.permute(2, 0, 3, 1, 4).unbind(0)
+    ref_kv = (k.to(torch.bfloat16).float(), v.to(torch.bfloat16).float())
+    assert all(torch.equal(a, b) for a, b in zip(kv, ref_kv, strict=True))
+    with torch.no_grad():
+        assert torch.equal(ca(x, ctx, mask, kv), ca(x, ctx, mask, ref_kv))

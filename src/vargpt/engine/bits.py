@@ -12,8 +12,9 @@ on the ascending-sorted probabilities, always keeping the largest) and draws wit
 generator `sample_bits` makes that same call, so the same seed gives the same bits when the logits match.
 
 Differences from the published implementation: a list of generators (one per sample) draws each sample from
-its own generator, so a batch gives the same bits as separate batch-1 calls with the same seeds; the
-functions return new tensors instead of filtering the logits in place.
+its own generator, so a batch gives the same bits as separate batch-1 calls with the same seeds (the bits of one
+``torch.multinomial`` call per sample, drawn in one batched pass: `_draw_per_sample`); the functions return new
+tensors instead of filtering the logits in place.
 """
 
 from __future__ import annotations
@@ -72,12 +73,40 @@ def sample_bits(logits_BlD2: Tensor, *, tau: float = 1.0, top_k: int = 0, top_p:
         raise ValueError(f"bit logits must end with an axis of 2, got shape {tuple(logits_BlD2.shape)}")
     B, l, D = logits_BlD2.shape[:3]
     logits = logits_BlD2 if tau == 1.0 else logits_BlD2.mul(1 / tau)
-    probs = top_k_top_p_filter(logits, top_k, top_p).softmax(dim=-1)
+    probs = _bit_probs(logits, top_k, top_p)
     if generator is None or isinstance(generator, torch.Generator):
         draws = torch.multinomial(probs.reshape(-1, 2), 1, replacement=True, generator=generator)
         return draws.view(B, l, D)
     if len(generator) != B:
         raise ValueError(f"got {len(generator)} generators for a batch of {B}")
-    out = [torch.multinomial(probs[b].reshape(-1, 2), 1, replacement=True, generator=g).view(l, D)
-           for b, g in enumerate(generator)]
-    return torch.stack(out)
+    return _draw_per_sample(probs, generator)
+
+
+def _bit_probs(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """``top_k_top_p_filter(logits, top_k, top_p).softmax(-1)`` of 2-way logits, the same floats with one softmax.
+
+    top-k >= 2 keeps both entries; top-p > 1/2 drops at most the smaller one, whose softmax becomes exactly 0 and
+    the kept one's exactly 1 (exp(0) / (exp(0) + 0)); the others keep the softmax the filter computed. Other filter
+    settings go through `top_k_top_p_filter`."""
+    if top_k == 1 or 0 < top_p <= 0.5:
+        return top_k_top_p_filter(logits, top_k, top_p).softmax(dim=-1)
+    probs = logits.softmax(dim=-1)
+    if top_p == 0:
+        return probs
+    drop = probs <= (1 - top_p)
+    return torch.where(drop.any(dim=-1, keepdim=True), (~drop).to(probs.dtype), probs)
+
+
+def _draw_per_sample(probs_BlD2: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
+    """``torch.multinomial(probs[b].reshape(-1, 2), 1, replacement=True, generator=generators[b])`` for every b, in
+    one pass: that call draws q ~ Exp(1) (``exponential_`` on a tensor like its input) and takes argmax(p / q)
+    (torch's one-sample path); here each sample's q fills its slice of one tensor from its own generator (the same
+    numbers) and the division and argmax run once for the batch instead of once per sample, with one validity check
+    (multinomial's: finite, non-negative probabilities) instead of B. Tests compare the bits with the per-sample calls.
+    """
+    if not bool(((probs_BlD2 >= 0) & (probs_BlD2 < torch.inf)).all()):
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+    q = torch.empty_like(probs_BlD2)
+    for b, g in enumerate(generators):
+        q[b].exponential_(generator=g)
+    return torch.div(probs_BlD2, q, out=q).argmax(dim=-1)

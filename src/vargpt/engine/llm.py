@@ -71,18 +71,22 @@ class KVCache:
         return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)
 
 
-def _attention_mask(padding_BS: Tensor | None, B: int, q_len: int, kv_len: int,
-                    device: torch.device) -> Tensor | None:
-    """transformers' `sdpa_mask` of a causal layer: None where SDPA's own flags suffice, else bool [B, 1, q, kv]
-    (True = attend): query i (cache index kv_len - q_len + i) sees key j iff j <= its index and j is a real token."""
+def _attention_mask(padding_BS: Tensor | None, B: int, q_len: int, kv_len: int, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> Tensor | None:
+    """transformers' `sdpa_mask` of a causal layer: None where SDPA's own flags suffice, else the additive mask
+    [B or 1, 1, q, kv] (0 = attend, -inf = not): query i (cache index kv_len - q_len + i) sees key j iff j <= its
+    index and j is a real token. SDPA turns a bool mask into exactly this one (0 / -inf in the query dtype) at every
+    call; built here once per forward, and without padding not copied per row (the kernel broadcasts it)."""
     if padding_BS is not None and bool(padding_BS[:, :kv_len].all()):
         padding_BS = None
     offset = kv_len - q_len
     if padding_BS is None and (q_len == 1 or offset == 0):
         return None
     j = torch.arange(kv_len, device=device)
-    mask = (j[None, None, None, :] <= j[None, None, offset:, None]).expand(B, -1, -1, -1)
-    return mask if padding_BS is None else mask & padding_BS[:, None, None, :kv_len].bool()
+    mask = j[None, None, None, :] <= j[None, None, offset:, None]
+    if padding_BS is not None:
+        mask = mask & padding_BS[:, None, None, :kv_len].bool()
+    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, -torch.inf)
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -162,7 +166,7 @@ class LeanLLM:
             position_ids = position_ids[None].expand(3, -1, -1)
         cos, sin = self._rotary(position_ids, inputs_embeds.dtype)
         half = cos.shape[-1] // 2
-        mask = _attention_mask(attention_mask, B, l, past + l, inputs_embeds.device)
+        mask = _attention_mask(attention_mask, B, l, past + l, inputs_embeds.device, inputs_embeds.dtype)
         h = inputs_embeds
         for i, (w_in, eps_in, qkvo, w_post, eps_post, w_gate, w_up, w_down, act) in enumerate(self.layers):
             x = _rms_norm(h, w_in, eps_in)

@@ -336,8 +336,10 @@ class CrossAttention(nn.Module):
         w = self.mat_kv.weight
         kv = F.linear(context_BNC.to(w.dtype), w, torch.cat((self.zero_k_bias, self.v_bias)))
         k, v = kv.view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.bf16:  # rounded once per context (`_cross_attend`), not at every scale
-            k, v = k.to(torch.bfloat16).float(), v.to(torch.bfloat16).float()
+        if self.bf16:  # rounded once per context (`_cross_attend`), not at every scale; laid out as the matmuls there
+            # copy them at every call (k^T and v contiguous per batch row): copied once instead, the same floats
+            k = k.to(torch.bfloat16).float().transpose(-1, -2).contiguous().transpose(-1, -2)
+            v = v.to(torch.bfloat16).float().contiguous()
         return k, v
 
     def forward(self, x_BLC: Tensor | None, context_BNC: Tensor, mask_BN: Tensor | None,

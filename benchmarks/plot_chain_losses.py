@@ -1,0 +1,52 @@
+"""One picture of the embedded default's training: the loss curve of every stage of a
+`scripts/build_embedded_default.sh` run (VAE: train PSNR; DPO: loss and reward accuracy).
+
+    python benchmarks/plot_chain_losses.py --root runs/tiny --out docs/embedded_losses.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# (run, csv, x column, [(y column, label)], log y)
+PANELS = [
+    ("vae", "log.csv", "step", [("psnr_db", "train PSNR (dB)")], False),
+    ("understanding", "metrics.csv", "step", [("loss", "answer loss")], True),
+    ("gen", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
+    ("edit", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
+    ("dpo", "metrics.csv", "step", [("loss", "DPO loss"), ("rewards_accuracy", "reward accuracy")], False),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=Path("runs/tiny"))
+    ap.add_argument("--out", type=Path, default=Path("docs/embedded_losses.png"))
+    args = ap.parse_args()
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
+    for ax, (run, name, x, ys, log) in zip(axes, PANELS, strict=True):
+        rows = list(csv.DictReader((args.root / run / name).open()))
+        for y, label in ys:
+            if y in rows[0]:
+                ax.plot([float(r[x]) for r in rows], [float(r[y]) for r in rows], label=label, lw=1)
+        ax.set_title(run)
+        ax.set_xlabel(x)
+        if log:
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=90)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
