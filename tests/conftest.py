@@ -113,6 +113,25 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return VARGPT(tiny_config()).save_pretrained(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture(scope="module")
+def fixture_model(fixtures_dir, fixture_config):
+    """The conformance fixture's weights in our VARGPT (CPU), once per test module."""
+    from vargpt.models.vargpt import VARGPT
+
+    return VARGPT.from_pretrained(fixtures_dir, config=fixture_config,
+                                  weights=fixtures_dir / "tiny_weights.safetensors", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A randomly initialised tiny VARGPT (seed 0), once per test module."""
+    from vargpt.config import tiny_config
+    from vargpt.models.vargpt import VARGPT
+
+    torch.manual_seed(0)
+    return VARGPT(tiny_config())
+
+
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     """Run `vargpt ARGV...` in-process; returns (exit code, stdout, stderr)."""
     from vargpt.cli import main

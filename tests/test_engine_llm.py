@@ -24,18 +24,6 @@ from vargpt.models import vlm as V
 from vargpt.models.vargpt import VARGPT
 
 
-@pytest.fixture(scope="module")
-def fixture_model(fixtures_dir, fixture_config) -> VARGPT:
-    return VARGPT.from_pretrained(fixtures_dir, config=fixture_config,
-                                  weights=fixtures_dir / "tiny_weights.safetensors", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_model() -> VARGPT:
-    torch.manual_seed(0)
-    return VARGPT(tiny_config())
-
-
 def _transformers_path():
     """The engine as it runs with transformers' forward and generate (what `fast.supported` False selects)."""
     return mock.patch.object(fast, "supported", lambda vlm: False)

@@ -20,7 +20,7 @@ from PIL import Image
 from transformers import LogitsProcessor
 
 from conftest import VAE_DECODE_TOL, assert_close_recorded, load_fixture
-from vargpt.config import SamplingConfig, official_config, tiny_config
+from vargpt.config import SamplingConfig, official_config
 from vargpt.engine import Engine
 from vargpt.errors import CheckpointError, InputError
 from vargpt.models.generation import null_prompt_ids
@@ -29,18 +29,6 @@ from vargpt.processing import VARGPTProcessor
 from vargpt.scales import padded_tokens, schedule_for_size
 from vargpt.training.objective import drop_prompts, image_logprobs, text_ce, training_losses
 from vargpt.weights import convert_checkpoint, read_config
-
-
-@pytest.fixture(scope="module")
-def fixture_model(fixtures_dir, fixture_config) -> VARGPT:
-    return VARGPT.from_pretrained(fixtures_dir, config=fixture_config,
-                                  weights=fixtures_dir / "tiny_weights.safetensors", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_model() -> VARGPT:
-    torch.manual_seed(0)
-    return VARGPT(tiny_config())
 
 
 @pytest.fixture(scope="module")
