@@ -3,7 +3,7 @@
 #   ShapesWorld data (64 px) + tiny BPE tokenizer
 #   -> in parallel: the patch VAE (`vargpt train vae`, one core) | vision-tower pretraining on dense scene labels
 #      (`python -m vargpt.training.embedded vision`) then understanding SFT (recipes/tiny/understanding.yaml)
-#   -> text-to-image SFT (recipes/tiny/gen.yaml; two processes) -> editing SFT (recipes/tiny/edit.yaml)
+#   -> text-to-image SFT (recipes/tiny/gen.yaml) -> editing SFT (recipes/tiny/edit.yaml), each on two processes
 #   -> on-policy preferences + DPO (recipes/tiny/dpo.yaml) -> `vargpt eval` on held-out records
 #   -> (INSTALL=1) into the package.
 #
@@ -53,10 +53,11 @@ run_stage() {
 }
 model_done() { echo "$1/model/preprocessor_config.json"; }  # written last by save_pretrained
 shapesworld() { "$PYTHON" -m vargpt data shapesworld --split train --size 64 "$@"; }
-train() {  # train RECIPE OUT [overrides...]: a recipe stage, resumable
-    local recipe=$1 out=$2
+train() {  # train RECIPE OUT [overrides...]: a recipe stage, resumable; NPROC=2 trains on two processes
+    local recipe=$1 out=$2 launch=("$PYTHON")
     shift 2
-    "$PYTHON" -m vargpt train --recipe "recipes/tiny/$recipe.yaml" --device "$DEVICE" --resume "out_dir=$out" \
+    [[ ${NPROC:-1} != 1 ]] && launch=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC")
+    "${launch[@]}" -m vargpt train --recipe "recipes/tiny/$recipe.yaml" --device "$DEVICE" --resume "out_dir=$out" \
         "$@" "${QUICK_ARGS[@]}" "${EXTRA[@]}"
 }
 
@@ -64,7 +65,7 @@ train() {  # train RECIPE OUT [overrides...]: a recipe stage, resumable
 run_stage data_und "$DATA/und64/records.jsonl" shapesworld --out "$DATA/und64" --n "$N_UND" --tasks vqa,vqa,caption \
     --vqa-turns 6
 run_stage data_t2i "$DATA/t2i64/records.jsonl" shapesworld --out "$DATA/t2i64" --n "$N_T2I" --tasks t2i \
-    --t2i-layout canonical
+    --t2i-layout canonical --position-colours 0.5
 run_stage data_vae "$DATA/vae/records.jsonl" shapesworld --out "$DATA/vae" --n "$N_VAE" --tasks t2i,edit,caption \
     --t2i-layout canonical
 run_stage data_edit "$DATA/edit64/records.jsonl" shapesworld --out "$DATA/edit64" --n "$N_EDIT" --tasks edit
@@ -92,14 +93,11 @@ if [[ -n $VAE_PID ]]; then
     echo "== vae: done ($(tail -c 300 "$ROOT/vae.log" | tr '\r' '\n' | tail -1))" | tee -a "$ROOT/build.log"
 fi
 
-# ---- text-to-image SFT on two processes (batch 8 each)
-run_stage gen "$(model_done "$ROOT/gen")" "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 2 \
-    -m vargpt train --recipe recipes/tiny/gen.yaml --device "$DEVICE" --resume "out_dir=$ROOT/gen" \
-    "model.checkpoint=$ROOT/understanding/model" "model.vae=$ROOT/vae" "data.sources.0.path=$DATA/t2i64" \
-    "data.sources.1.path=$DATA/und64" "${QUICK_ARGS[@]}" "${EXTRA[@]}"
-
-# ---- editing SFT, from the text-to-image model (edits from a DPO model lost position: docs/training.md)
-run_stage edit "$(model_done "$ROOT/edit")" train edit "$ROOT/edit" "model.checkpoint=$ROOT/gen/model" \
+# ---- text-to-image SFT, then editing SFT from it (edits from a DPO model lost position: docs/training.md); each on
+#      two processes (batch 8 each)
+NPROC=2 run_stage gen "$(model_done "$ROOT/gen")" train gen "$ROOT/gen" "model.checkpoint=$ROOT/understanding/model" \
+    "model.vae=$ROOT/vae" "data.sources.0.path=$DATA/t2i64" "data.sources.1.path=$DATA/und64"
+NPROC=2 run_stage edit "$(model_done "$ROOT/edit")" train edit "$ROOT/edit" "model.checkpoint=$ROOT/gen/model" \
     "data.sources.0.path=$DATA/edit64" "data.sources.1.path=$DATA/t2i64" "data.sources.2.path=$DATA/und64"
 
 # ---- DPO on the editing model's own samples, judged by the checker: 8 samples at temperature 1 of the prompt

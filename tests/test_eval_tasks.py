@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vargpt.config import SamplingConfig
 from vargpt.data.scene import Scene, render
@@ -67,6 +68,10 @@ def test_broken_model_scores_zero_and_edit_reports_rates(tmp_path):
     assert bad["score"]["mean"] == 0.0
     png = G.sample_sheet(good["images"], tmp_path / "sheet.png", sources=[c.source for c in cases], per_row=4)
     assert png.is_file() and "pass" in png.with_suffix(".txt").read_text()
+    white = Image.new("RGB", (16, 16), "white")
+    sheet = Image.open(G.sample_sheet([(white, True, "a"), (white, False, "b")], tmp_path / "two.png", per_row=2))
+    assert sheet.getpixel((0, 0)) == (200, 200, 200) and sheet.getpixel((8, 8)) == (255, 255, 255)  # hairline
+    assert sheet.getpixel((16, 0)) == (220, 0, 0) and sheet.getpixel((17, 8)) == (220, 0, 0)  # failure framed
 
 
 @pytest.mark.parametrize("values,spread", [((0.5,), 0.0), ((0.25, 0.5, 0.75), 0.5)])

@@ -232,6 +232,32 @@ def test_canonical_layout_changes_only_training_targets_it_is_asked_for():
         make_record(0, split="train", t2i_layout="grid")
 
 
+def test_position_colours_name_both_colours_in_train_prompts_only_when_asked():
+    from vargpt.data.shapesworld import canonical_scene, parse_prompt, uses_heldout
+    from vargpt.eval.checker import parse_scene, score_prompt
+
+    rng = random.Random(1)
+    plain = [sample_prompt(rng, "position", train=True) for _ in range(50)]
+    assert all(o.colour is None for s in plain for o in s.objects)
+    rng = random.Random(1)
+    coloured = [sample_prompt(rng, "position", train=True, position_colours=1.0) for _ in range(50)]
+    for spec in coloured:
+        assert spec.category == "position" and all(o.colour for o in spec.objects)
+        assert not uses_heldout([], spec)
+        text = prompt_text(spec, random.Random(0))
+        assert parse_prompt(text) == spec, text  # the checker reads the colours back
+        assert score_prompt(parse_scene(render(canonical_scene(spec), 64)), text).score == 1, text
+    # the default draws exactly what it drew before the option existed (the shipped data stays byte-identical)
+    for i in range(20):
+        assert make_record(i, split="train", tasks=("t2i",), position_colours=0.0) == \
+            make_record(i, split="train", tasks=("t2i",))
+    mixed = [make_record(i, split="train", tasks=("t2i",), position_colours=0.5)[0]["meta"] for i in range(300)]
+    named = [m["spec"]["objects"][0].get("colour") is not None for m in mixed if m["category"] == "position"]
+    assert 0 < sum(named) < len(named)
+    with pytest.raises(InputError, match="position_colours"):
+        make_record(0, split="train", tasks=("t2i",), position_colours=1.5)
+
+
 def test_multi_turn_question_records_keep_the_first_turn_and_ask_distinct_questions():
     for i in range(12):
         one, img1 = make_record(i, split="train", tasks=("vqa",))

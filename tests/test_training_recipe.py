@@ -123,3 +123,7 @@ def test_lr_scale_sets_each_module_group_lr(tmp_path):
     # the most specific entry wins; "visual_x" is not under "visual"
     assert got == {"visual.blocks.0.w": (3e-4, 0.1), "visual.blocks.0.b": (3e-4, 0.0),
                    "visual.merger.w": (2e-3, 0.1), "visual_x.w": (1e-3, 0.1), "model.w": (1e-3, 0.1)}
+    # optional modules (here the image place tables) take a multiplier too
+    r = load_recipe(_write(tmp_path, BASE), ["optim.lr=1e-3", "optim.lr_scale={image_place: 30}"])
+    groups = param_groups([("image_place.row.weight", nn.Parameter(torch.zeros(4, 2)))], r.optim)
+    assert groups[0]["lr"] == pytest.approx(3e-2)

@@ -81,13 +81,15 @@ def data_shapesworld(
                           ] = "random",
     vqa_turns: Annotated[int, typer.Option("--vqa-turns", min=1, help="Questions per question record (a "
                                            "multi-turn chat about one picture; the first turn is unchanged).")] = 1,
+    position_colours: Annotated[float, typer.Option("--position-colours", min=0.0, max=1.0, help="Share of "
+                                                    "text-to-image position prompts that name both colours.")] = 0.0,
 ) -> None:
     """Write a ShapesWorld dataset: DIR/records.jsonl and the images beside it."""
     from vargpt.data.shapesworld import TASKS, write_dataset
 
     chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) or TASKS
     summary = write_dataset(out, n=n, split=split, size=size, seed=seed, tasks=chosen, t2i_layout=t2i_layout,
-                            vqa_turns=vqa_turns)
+                            vqa_turns=vqa_turns, position_colours=position_colours)
     typer.echo(json.dumps(summary))
 
 

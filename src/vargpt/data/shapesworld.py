@@ -280,8 +280,12 @@ def parse_prompt(text: str) -> PromptSpec:
     return PromptSpec("position", (a, b), relation)
 
 
-def sample_prompt(rng: random.Random, category: str, *, train: bool) -> PromptSpec:
-    """A random prompt of `category`; with `train`, never a held-out pair or composition."""
+def sample_prompt(rng: random.Random, category: str, *, train: bool, position_colours: float = 0.0) -> PromptSpec:
+    """A random prompt of `category`; with `train`, never a held-out pair or composition.
+
+    `position_colours`: the share of position prompts that name both objects' colours ("a red circle to the left
+    of a blue square"); at 0 (the evaluation splits) they name none and no random number is drawn for it.
+    """
     while True:
         s1, s2 = rng.sample(SHAPES, 2)
         c1, c2 = rng.sample(tuple(COLOURS), 2)
@@ -294,7 +298,10 @@ def sample_prompt(rng: random.Random, category: str, *, train: bool) -> PromptSp
         elif category == "two_object":
             spec = PromptSpec(category, (ObjSpec(s1), ObjSpec(s2)))
         elif category == "position":
-            spec = PromptSpec(category, (ObjSpec(s1), ObjSpec(s2)), rng.choice(RELATIONS))
+            relation = rng.choice(RELATIONS)
+            coloured = position_colours > 0 and rng.random() < position_colours
+            spec = PromptSpec(category, (ObjSpec(s1, c1 if coloured else None), ObjSpec(s2, c2 if coloured else None)),
+                              relation)
         elif category == "color_attr":
             spec = PromptSpec(category, (ObjSpec(s1, c1), ObjSpec(s2, c2)))
         else:
@@ -591,10 +598,13 @@ def record_rng(seed: int, split: str, index: int) -> random.Random:
 
 
 def make_record(index: int, *, split: str, seed: int = 0, size: int = 64, tasks: Sequence[str] = TASKS,
-                t2i_layout: str = "random", vqa_turns: int = 1) -> tuple[dict[str, Any], dict[str, Image.Image]]:
+                t2i_layout: str = "random", vqa_turns: int = 1,
+                position_colours: float = 0.0) -> tuple[dict[str, Any], dict[str, Image.Image]]:
     """Record `index` of a split and its images ({relative path: image}); pure function of its arguments.
 
     ``t2i_layout="canonical"``: text-to-image targets are `canonical_scene` (the prompt is drawn the same way).
+    ``position_colours=p``: text-to-image and preference prompts of the position category name both colours with
+    probability p (`sample_prompt`).
     ``vqa_turns=k``: a question record is a conversation of k distinct questions about its picture (the first turn
     is the single-turn record's; meta ``qtype`` is the first one's, ``qtypes`` all of them). One picture then trains
     k answers for the price of one image encoding.
@@ -605,6 +615,8 @@ def make_record(index: int, *, split: str, seed: int = 0, size: int = 64, tasks:
         raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if t2i_layout not in LAYOUTS:
         raise InputError(f"unknown t2i layout {t2i_layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if not 0.0 <= position_colours <= 1.0:
+        raise InputError(f"position_colours is a probability in [0, 1] (got {position_colours})")
     rng = record_rng(seed, split, index)
     train = split == "train"
     task = tasks[index % len(tasks)]
@@ -644,7 +656,7 @@ def make_record(index: int, *, split: str, seed: int = 0, size: int = 64, tasks:
         return _record(rid, task, messages, list(images), scene, meta), images
     if task not in ("t2i", "dpo"):
         raise InputError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    spec = sample_prompt(rng, rng.choice(CATEGORIES), train=train)
+    spec = sample_prompt(rng, rng.choice(CATEGORIES), train=train, position_colours=position_colours)
     scene = scene_for_prompt(spec, rng, train=train)
     messages = [{"role": "user", "content": prompt_text(spec, rng)}]
     meta = {"category": spec.category, "spec": spec.to_dict(), "heldout": uses_heldout([scene], spec)}
@@ -671,7 +683,7 @@ def _record(rid: str, task: str, messages: list[dict[str, str]], images: list[st
 
 def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 64, seed: int = 0,
                   tasks: Sequence[str] = TASKS, t2i_layout: str = "random", vqa_turns: int = 1,
-                  progress: bool = True) -> dict[str, Any]:
+                  position_colours: float = 0.0, progress: bool = True) -> dict[str, Any]:
     """Write `n` records to ``out/records.jsonl`` and their PNGs under ``out/images``; returns a summary."""
     from tqdm import tqdm
 
@@ -693,7 +705,7 @@ def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 
     with tmp.open("w") as f:
         for i in tqdm(range(n), desc=f"shapesworld {split}", unit="rec", disable=not progress):
             rec, images = make_record(i, split=split, seed=seed, size=size, tasks=tasks, t2i_layout=t2i_layout,
-                                      vqa_turns=vqa_turns)
+                                      vqa_turns=vqa_turns, position_colours=position_colours)
             for rel, img in images.items():
                 img.save(out / rel, format="PNG", optimize=False)
             f.write(json.dumps(rec, separators=(",", ":")) + "\n")
@@ -701,7 +713,7 @@ def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 
             heldout += bool(rec["meta"]["heldout"])
     os.replace(tmp, out / "records.jsonl")
     return {"out": str(out), "records": n, "split": split, "size": size, "seed": seed, "t2i_layout": t2i_layout,
-            "vqa_turns": vqa_turns, "tasks": dict(sorted(counts.items())), "heldout_records": heldout}
+            "vqa_turns": vqa_turns, "position_colours": position_colours, "tasks": dict(sorted(counts.items())), "heldout_records": heldout}
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

@@ -236,8 +236,9 @@ def sample_sheet(images: Sequence[tuple[Image.Image, bool, str]], path: str | Pa
             sheet.paste(sources[i].resize((side, side)), (x, y))
             y += side
         sheet.paste(img.resize((side, side)), (x, y))
-        if not ok:
-            draw.rectangle((x, y, x + side - 1, y + side - 1), outline=(220, 0, 0), width=2)
+        # failures framed red; passes get a hairline so white pictures on the white sheet stay apart
+        draw.rectangle((x, y, x + side - 1, y + side - 1), outline=(200, 200, 200) if ok else (220, 0, 0),
+                       width=1 if ok else 2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)

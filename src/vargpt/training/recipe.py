@@ -205,8 +205,8 @@ class Recipe:
         _require(all(0 <= b < 1 for b in self.optim.betas), "optim.betas", self.optim.betas, "two values in [0, 1)")
         _require(self.optim.weight_decay >= 0, "optim.weight_decay", self.optim.weight_decay, ">= 0")
         for name, scale in self.optim.lr_scale.items():
-            _require(isinstance(name, str) and name.split(".")[0] in MODULES, "optim.lr_scale", name,
-                     f"a module name ({', '.join(MODULES)}, dotted sub-modules allowed)")
+            _require(isinstance(name, str) and name.split(".")[0] in (*MODULES, *OPTIONAL_MODULES), "optim.lr_scale",
+                     name, f"a module name ({', '.join((*MODULES, *OPTIONAL_MODULES))}, dotted sub-modules allowed)")
             _require(isinstance(scale, (int, float)) and scale > 0, f"optim.lr_scale.{name}", scale, "> 0")
         _require(self.optim.grad_clip is None or self.optim.grad_clip > 0, "optim.grad_clip", self.optim.grad_clip,
                  "> 0 or null")
