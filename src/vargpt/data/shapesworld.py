@@ -713,7 +713,8 @@ def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 
             heldout += bool(rec["meta"]["heldout"])
     os.replace(tmp, out / "records.jsonl")
     return {"out": str(out), "records": n, "split": split, "size": size, "seed": seed, "t2i_layout": t2i_layout,
-            "vqa_turns": vqa_turns, "position_colours": position_colours, "tasks": dict(sorted(counts.items())), "heldout_records": heldout}
+            "vqa_turns": vqa_turns, "position_colours": position_colours, "tasks": dict(sorted(counts.items())),
+            "heldout_records": heldout}
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
