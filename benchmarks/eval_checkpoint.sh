@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # benchmarks/eval_checkpoint.sh CKPT_DIR BASE_MODEL_DIR TASK [vargpt eval args]: score a trainer checkpoint (its weights
 # (the trainable modules only) over the base model's, the base's config; source_condition turned on when the
-# checkpoint has source_embed) on the val split; prints the score and its groups. Written to /tmp/ckm.
+# checkpoint has source_embed; the run's recipe config_overrides applied) on the val split; prints the score and its groups. Written to /tmp/ckm.
 set -e
 ck=$1; base=$2; task=$3; shift 3
 d=/tmp/ckm/$(echo $ck | tr '/' '_'); mkdir -p $d
@@ -14,7 +14,14 @@ sd = load_file(f"{base}/model.safetensors"); sd.update(load_file(f"{ck}/model.sa
 save_file(sd, f"{d}/model.safetensors")
 c = json.load(open(f"{base}/config.json"))
 if any(k.startswith("vargpt_gen.source_embed") for k in sd): c["decoder"]["source_condition"] = True
-if "vargpt_gen.source_copy.weight" in sd: c["decoder"]["source_copy"] = True
+recipe = os.path.join(ck, "..", "..", "recipe.yaml")  # the run's config overrides (e.g. decoder.source_input)
+if os.path.exists(recipe):
+    import yaml
+    for part, over in ((yaml.safe_load(open(recipe)).get("model") or {}).get("config_overrides") or {}).items():
+        if isinstance(over, dict):
+            c.setdefault(part, {}).update(over)
+        else:  # a top-level field (e.g. text_loss_mean)
+            c[part] = over
 json.dump(c, open(f"{d}/config.json", "w"))
 for f in ("tokenizer.json", "preprocessor_config.json"):
     if not os.path.exists(f"{d}/{f}"): os.symlink(os.path.realpath(f"{base}/{f}"), f"{d}/{f}")

@@ -1,8 +1,9 @@
 """Optional source conditioning of the visual decoder for editing (``decoder.source_condition``, VAREdit-style):
 off by default and in the released layout; zero-initialised (a model that turns it on starts equal to one without
 it); the source's scale-k bits sit at the positions predicting scale k (and, with source_copy, reach the bit logits
-directly); training batches carry the source of edit rows only; both CFG rows of sampling get it; checkpoints keep
-it; the residual source input is the same in training and sampling."""
+through a gate that starts open, so a large copy gain makes the model a copier); training batches carry the source of
+edit rows only; both CFG rows of sampling get it; checkpoints keep it; the residual source input is the same in
+training and sampling."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from vargpt.data.shapesworld import make_record
 from vargpt.engine import Engine
 from vargpt.engine.loop import sample_image_tokens
 from vargpt.errors import ConfigError, InputError
-from vargpt.models.generation import source_term
+from vargpt.models.generation import source_codes
 from vargpt.models.vargpt import VARGPT
-from vargpt.models.visual_decoder import DecoderCondition, VisualDecoder
+from vargpt.models.visual_decoder import GATE_OPEN, DecoderCondition, VisualDecoder
 from vargpt.processing import ByteTokenizer, VARGPTProcessor
 from vargpt.scales import schedule_for_grid
 from vargpt.training import objective
@@ -145,7 +146,7 @@ def test_off_by_default_and_absent_from_the_released_layout(models):
     del old["decoder"]["source_condition"]
     assert VARGPTConfig.from_dict(old) == CFG
     with pytest.raises(InputError, match="source_condition"):
-        off.vargpt_gen.source_tokens(torch.zeros(1, 5, CFG.vae.codebook_dim))
+        off.vargpt_gen.source_term(torch.zeros(1, 5, CFG.vae.codebook_dim))
 
 
 # ----------------------------------------------------------------------------------------------- zero init
@@ -196,7 +197,7 @@ def test_source_reaches_the_output_through_the_decoder_only(models, records):
         assert any(not torch.equal(x, y) for x, y in zip(from_src.bits, from_tgt.bits, strict=True))
         assert any(not torch.equal(x, y) for x, y in zip(from_src.bits, same_zero.bits, strict=True))
         # both CFG rows (cond, then uncond) carry the same non-zero source term
-        s = conds[0].source_BLC
+        s = conds[0].source_BLD
         assert s.shape[0] == 2 and s[0].abs().sum() > 0 and torch.equal(s[0], s[1])
         assert torch.equal(Engine(on).edit_images([src], [instruction], size=SIZE, seed=0).images, from_src.images)
         # text-to-image has no source: unchanged
@@ -239,10 +240,10 @@ def test_training_batch_carries_edit_sources_and_trains_source_embed(models, rec
                 mock.patch.object(on.config.decoder, "cond_drop_rate", 0.99), \
                 mock.patch.object(objective, "drop_prompts", side_effect=spy):
             training_losses(on, batch, generator=torch.Generator().manual_seed(1))
-            want = source_term(on.vae_local, on.vargpt_gen, batch["gen_source_pixel_values"], _schedule(on),
-                               batch["gen_source_mask"])
+            want = source_codes(on.vae_local, on.vargpt_gen, batch["gen_source_pixel_values"], _schedule(on),
+                                batch["gen_source_mask"])
         assert dropped and dropped[0][0]  # the edit row's prompt was replaced by the null prompt
-        got = conds[0].source_BLC
+        got = conds[0].source_BLD
         assert got[0].abs().sum() > 0 and not got[1].any()
         torch.testing.assert_close(got, want)
     finally:
@@ -252,8 +253,8 @@ def test_training_batch_carries_edit_sources_and_trains_source_embed(models, rec
 
 @torch.no_grad()
 def test_source_codes_sit_at_the_positions_predicting_their_scale(models, records):
-    """source == target: the term at block k is source_embed of the target's scale-k bit labels (what block k is
-    trained to predict)."""
+    """source == target: the codes at block k are the target's scale-k bit labels as +-1 (what block k is trained to
+    predict); the block input gets source_embed of them."""
     _, on = models
     batch = Collator(on.require_processor())([_dataset(on, records)[0]])
     batch["gen_source_pixel_values"] = batch["gen_pixel_values"].clone()
@@ -261,16 +262,17 @@ def test_source_codes_sit_at_the_positions_predicting_their_scale(models, record
     with _embed(on) as emb, _capture(on.vargpt_gen, "forward_train") as conds:
         out, _ = objective.teacher_forced(on, batch)
         logits, labels, sched = out.gen_logits_BLV, out.bit_labels_BLD, out.schedule
-        term = conds[0].source_BLC
-        assert tuple(sched) == tuple(schedule) and term.shape[:2] == labels.shape[:2] == logits.shape[:2]
+        codes = conds[0].source_BLD
+        assert tuple(sched) == tuple(schedule) and codes.shape == labels.shape and codes.shape[:2] == logits.shape[:2]
         bits = on.vae_local.encode(batch["gen_pixel_values"], schedule).bits
         start = 0
         for k, (_, h, w) in enumerate(schedule):
             block = slice(start, start + h * w)
             assert torch.equal(labels[:, block], bits[k].flatten(1, 2))  # block k predicts scale k
-            torch.testing.assert_close(term[:, block], emb(bits[k].flatten(1, 2).float() * 2 - 1))
+            assert torch.equal(codes[:, block], bits[k].flatten(1, 2).float() * 2 - 1)
             start += h * w
-        assert start == term.shape[1]
+        assert start == codes.shape[1]
+        torch.testing.assert_close(on.vargpt_gen.source_term(codes), emb(codes))
 
 
 # ----------------------------------------------------------------------------------------------- decoder level
@@ -279,7 +281,7 @@ def test_source_codes_sit_at_the_positions_predicting_their_scale(models, record
 def _decoder() -> VisualDecoder:
     torch.manual_seed(0)
     cfg = DecoderConfig(depth=2, embed_dim=64, num_heads=2, block_chunks=1, text_channels=64, text_maxlen=32,
-                        drop_path_rate=0.0, source_condition=True, source_copy=True)
+                        drop_path_rate=0.0, source_condition=True, source_copy=3.0)
     dec = VisualDecoder(cfg, codebook_dim=8).eval()
     with torch.no_grad():
         for p in dec.parameters():
@@ -294,15 +296,25 @@ def test_decoder_adds_the_source_term_to_the_block_input_of_each_scale():
     L = sum(t * h * w for t, h, w in sched)
     g = torch.Generator().manual_seed(1)
     codes = torch.randint(0, 2, (2, L, 8), generator=g).float() * 2 - 1
-    term = dec.source_tokens(codes, torch.tensor([True, False]))
+    codes[1] = 0  # the second sample has no source
+    term = dec.source_term(codes)
     assert term[0].abs().sum() > 0 and not term[1].any()
     ctx = torch.randn(2, 3, 64, generator=g)
     plain = dec.condition(dec.encode_condition(torch.randn(2, 1, 64, generator=g)), ctx)
-    with_src = dataclasses.replace(plain, source_BLC=term)
+    with_src = dataclasses.replace(plain, source_BLD=codes)
     x = torch.randn(2, L, 64, generator=g)
-    full = dec.forward_train(x, with_src, sched)
-    half = 0.5 * term @ dec.source_copy.weight.T  # and, straight to the logits, source_copy of the term
+    # the copy gate on a hidden state: sigmoid(GATE_OPEN + source_gate(head_nm(h))) per position
+    h = torch.randn(2, L, 64, generator=g)
+    gate = torch.sigmoid(dec.source_gate(dec.head_nm(h, plain.cond_BD)) + GATE_OPEN)
+    assert gate.std() > 0  # depends on the position
+    half = 0.5 * 3.0 * gate * codes
+    torch.testing.assert_close(dec.get_logits(h, plain.cond_BD, codes) - dec.get_logits(h, plain.cond_BD),
+                               torch.stack([-half, half], dim=-1).flatten(-2))
+    with torch.no_grad():  # a constant gate, so the copy term of the whole forward is known
+        dec.source_gate.weight.zero_()
+    half = 0.5 * 3.0 * torch.sigmoid(dec.source_gate.bias + GATE_OPEN) * codes
     copy = torch.stack([-half, half], dim=-1).flatten(-2)
+    full = dec.forward_train(x, with_src, sched)
     assert copy[0].abs().sum() > 0 and not copy[1].any()
     torch.testing.assert_close(full, dec.forward_train(x + term, plain, sched) + copy)
     cache, start = dec.new_cache(2, sched), 0
@@ -312,7 +324,7 @@ def test_decoder_adds_the_source_term_to_the_block_input_of_each_scale():
         start += h * w
     # CFG batches: a condition without a source gets zero rows when concatenated with one that has it
     both = DecoderCondition.cat(with_src, plain)
-    assert torch.equal(both.source_BLC[:2], term) and not both.source_BLC[2:].any()
+    assert torch.equal(both.source_BLD[:2], codes) and not both.source_BLD[2:].any()
     sampling = SamplingConfig(cfg_scale=2.0, tau=1.0, top_k=0, top_p=0.0)
     runs = [sample_image_tokens(dec, DecoderCondition.cat(with_src, with_src), sched, sampling, use_cache=c,
                                 return_logits=True, generator=torch.Generator().manual_seed(3)) for c in (True, False)]
@@ -351,12 +363,35 @@ def test_checkpoints_keep_the_flag_and_weights_and_old_weights_start_at_zero(mod
 # ----------------------------------------------------------------------------------------------- residual source input
 
 RES = dataclasses.replace(CFG, decoder=dataclasses.replace(CFG.decoder, source_condition=True, source_input="residual",
-                                                          source_copy=True))
+                                                          source_copy=3.0))
 
 
 def test_source_input_is_validated():
     with pytest.raises(ConfigError, match="source_input"):
         dataclasses.replace(CFG.decoder, source_input="pixels").validate()
+    with pytest.raises(ConfigError, match="source_copy"):
+        dataclasses.replace(CFG.decoder, source_copy=-1.0).validate()
+
+
+@torch.no_grad()
+def test_a_large_copy_gain_makes_the_edit_path_a_copier(records, tmp_path):
+    """Residual source input with a huge copy gain and the gate at its start (open): whatever the (random) model
+    says, every scale's drawn bits are the source's own multi-scale bits, through the engine's edit path with CFG.
+    A checkpoint saved without the gate loads with it open."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(RES, decoder=dataclasses.replace(RES.decoder, source_copy=1e4))
+    plain = VARGPT(dataclasses.replace(RES, decoder=dataclasses.replace(RES.decoder, source_copy=0.0)))
+    plain.save_pretrained(tmp_path / "plain")
+    model = VARGPT.from_pretrained(tmp_path / "plain", config=cfg).eval()
+    assert not model.vargpt_gen.source_gate.weight.any() and not model.vargpt_gen.source_gate.bias.any()
+    src, _, instruction = _edit(records)
+    sampling = SamplingConfig(cfg_scale=3.0, tau=1.0)
+    out = Engine(model).edit_images([src], [instruction], size=SIZE, seed=0, sampling=sampling)
+    px = gen_image_tensor(src, (SIZE, SIZE), "resize")[None]
+    own = model.vae_local.encode(px, _schedule(model)).bits
+    assert all(torch.equal(a, b) for a, b in zip(out.bits, own, strict=True))
+    free = Engine(plain).edit_images([src], [instruction], size=SIZE, seed=0, sampling=sampling)
+    assert any(not torch.equal(a, b) for a, b in zip(free.bits, own, strict=True))  # not a copier without it
 
 
 @torch.no_grad()
@@ -386,7 +421,7 @@ def test_residual_source_term_is_the_same_in_training_and_sampling(records):
     batch = Collator(model.require_processor())([_dataset(model, records)[i] for i in (0, 1)])
     with _embed(model) as emb, _capture(model.vargpt_gen, "forward_train") as trained:
         objective.teacher_forced(model, batch)
-        term = trained[0].source_BLC
+        term = trained[0].source_BLD
         assert term[0].abs().sum() > 0 and not term[1].any()
         schedule = _schedule(model)
         tokens = model.vae_local.encode(batch["gen_pixel_values"][:1], schedule,
@@ -400,7 +435,7 @@ def test_residual_source_term_is_the_same_in_training_and_sampling(records):
             sample_image_tokens(dec, DecoderCondition.cat(cond, cond), schedule, SamplingConfig(cfg_scale=2.0),
                                 teacher_bits=tokens.bits, source_latent=latent,
                                 generator=torch.Generator().manual_seed(0))
-        sampled = steps[-1].source_BLC
+        sampled = steps[-1].source_BLD
         assert sampled.shape[0] == 2 and torch.equal(sampled[0], sampled[1])  # both CFG rows
         # the training sums add straight-through codes, the loop codes rebuilt from bits: equal up to fp32 rounding,
         # which normalising a small residual amplifies
@@ -426,3 +461,31 @@ def test_labels_keep_the_source_latent_where_the_edit_leaves_the_picture():
     near[:2, :2] = True  # the changed patch and its neighbours
     assert torch.equal(mixed[0][:, near], z_tgt[0][:, near]) and torch.equal(mixed[0][:, ~near], z_src[0][:, ~near])
     assert torch.equal(keep_unchanged(z_tgt, z_src, src_px, src_px, 8), z_src)
+
+
+def test_copy_gate_loss_targets_the_positions_a_copy_gets_right(records):
+    """The gate's target is 1 where every label bit is the sign of the source code (0 elsewhere), over rows with a
+    source only; training reports it and adds it with ``copy_gate_loss_weight``."""
+    from vargpt.training.objective import copy_gate_loss
+
+    source = torch.tensor([[[1.0, -2.0], [0.5, 0.5], [-1.0, 1.0]], [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])
+    labels = torch.tensor([[[1, 0], [1, 0], [0, 1]], [[1, 1], [0, 0], [1, 0]]], dtype=torch.uint8)
+    gate = torch.tensor([[3.0, -3.0, 0.0], [9.0, 9.0, 9.0]])  # the source-less row's values must not count
+    want = torch.nn.functional.binary_cross_entropy_with_logits(gate[0], torch.tensor([1.0, 0.0, 1.0]))
+    torch.testing.assert_close(copy_gate_loss(gate, source, labels), want)
+    assert copy_gate_loss(gate, torch.zeros_like(source), labels).item() == 0.0
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(RES, copy_gate_loss_weight=0.5)
+    model = VARGPT(cfg)
+    batch = Collator(model.require_processor())([_dataset(model, records)[i] for i in (0, 1)])
+    model.train()
+    try:
+        out = training_losses(model, batch, generator=torch.Generator().manual_seed(1))
+        out["loss"].backward()
+    finally:
+        model.eval()
+    assert out["gate_loss"] > 0 and model.vargpt_gen.source_gate.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(out["loss"], 1.0 * out["text_loss"] + 3.0 * out["bit_loss"] + 0.5 * out["gate_loss"])
+    with pytest.raises(ConfigError, match="copy_gate_loss_weight"):
+        dataclasses.replace(RES, copy_gate_loss_weight=-1.0).validate()

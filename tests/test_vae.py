@@ -211,7 +211,26 @@ def test_patch_arch_round_trip_and_key_layout():
         dataclasses.replace(tiny_config().vae, patch_size=4)).state_dict().keys()
 
 
-@pytest.mark.parametrize("over, match", [({"arch": "mlp"}, "conv or patch"), ({"patch_size": 0}, "patch_size")])
+def test_patch_decoder_mlp_width():
+    """``patch_mlp_ch`` widens the decoder's per-patch MLP (default 4 * base_ch: the shipped key shapes), with and
+    without refinement blocks, and round-trips a picture at the right shape."""
+    base = dataclasses.replace(tiny_config().vae, arch="patch", patch_size=8, base_ch=32, codebook_dim=24)
+    assert base.decoder_mlp_ch == 128
+    for refine in (0, 1):
+        cfg = dataclasses.replace(base, patch_mlp_ch=256, refine_blocks=refine)
+        cfg.validate()
+        vae = BSQVAE(cfg).eval()
+        sd = vae.state_dict()
+        assert sd["decoder.proj_out.conv.weight"].shape == (256, 32, 1, 1)
+        assert sd["decoder.conv_out.conv.weight"].shape == (192, 256, 1, 1)
+        assert sd["encoder.conv_in.conv.weight"].shape == (128, 3, 8, 8)  # the encoder is unchanged
+        recon, _ = vae(torch.rand(1, 3, 32, 48) * 2 - 1)
+        assert recon.shape == (1, 3, 32, 48)
+
+
+@pytest.mark.parametrize("over, match", [({"arch": "mlp"}, "conv or patch"), ({"patch_size": 0}, "patch_size"),
+                                         ({"patch_mlp_ch": -1}, "patch_mlp_ch"),
+                                         ({"arch": "patch", "refine_blocks": 1, "patch_mlp_ch": 100}, "patch_size")])
 def test_bad_arch_config(over, match):
     with pytest.raises(ConfigError, match=match):
         dataclasses.replace(tiny_config().vae, **over).validate()

@@ -150,6 +150,13 @@ class VAEConfig:
     # a decoder with them can be trained over an existing VAE's codes (`vargpt train vae --decoder-only`)
     refine_blocks: int = 0
     refine_ch: int = 32
+    # arch "patch" only: hidden width of the decoder's per-patch MLP (0 = 4 * base_ch). It runs at the latent grid,
+    # so widening it is cheap, and every patch's pixels are a mix of this many learned patterns
+    patch_mlp_ch: int = 0
+
+    @property
+    def decoder_mlp_ch(self) -> int:
+        return self.patch_mlp_ch or 4 * self.base_ch
 
     @property
     def stride(self) -> int:
@@ -165,6 +172,9 @@ class VAEConfig:
         _check(self.arch in ("conv", "patch"), s, "arch", self.arch, "conv or patch")
         _positive(s, patch_size=self.patch_size, refine_ch=self.refine_ch)
         _check(self.refine_blocks >= 0, s, "refine_blocks", self.refine_blocks, "0 or more")
+        _check(self.patch_mlp_ch >= 0, s, "patch_mlp_ch", self.patch_mlp_ch, "0 (4 * base_ch) or more")
+        _check(self.refine_blocks == 0 or self.decoder_mlp_ch % self.patch_size**2 == 0, s, "patch_mlp_ch",
+               self.patch_mlp_ch, f"a multiple of patch_size**2 ({self.patch_size**2}) with refine_blocks")
         _check(self.refine_blocks == 0 or self.arch == "patch", s, "refine_blocks", self.refine_blocks,
                "0 unless arch is patch")
         _check(self.refine_blocks == 0 or self.refine_ch % self.norm_groups == 0, s, "refine_ch", self.refine_ch,
@@ -211,10 +221,12 @@ class DecoderConfig:
     # source's own multi-scale bits; "residual" = the source latent minus the running sum of the image drawn so far,
     # at each scale's grid (what the scale must add to keep the source: right even after a coarse scale differs), and
     # training labels built from the target latent with the source's wherever the edit leaves the picture
-    # (`vargpt.models.vae.keep_unchanged`). ``source_copy``: the term also reaches the bit logits directly.
+    # (`vargpt.models.vae.keep_unchanged`). ``source_copy`` = G > 0: the source codes also reach the bit logits,
+    # G * gate * code (a learned per-position gate that starts open), so an edit model starts as a copier of its
+    # source and learns where to deviate (0: off).
     source_condition: bool = False
     source_input: str = "bits"
-    source_copy: bool = False
+    source_copy: float = 0.0
 
     @property
     def head_dim(self) -> int:
@@ -242,7 +254,8 @@ class DecoderConfig:
         _check(self.ffn_hidden > 0, s, "mlp_ratio", self.mlp_ratio, "a value with embed_dim * mlp_ratio >= 128")
         _check(isinstance(self.source_condition, bool), s, "source_condition", self.source_condition, "true or false")
         _check(self.source_input in ("bits", "residual"), s, "source_input", self.source_input, "bits or residual")
-        _check(isinstance(self.source_copy, bool), s, "source_copy", self.source_copy, "true or false")
+        _check(isinstance(self.source_copy, (int, float)) and self.source_copy >= 0, s, "source_copy", self.source_copy,
+               "a number >= 0 (the copy gain; 0 = off)")
 
 
 @dataclass
@@ -305,6 +318,9 @@ class VARGPTConfig:
     # sample, then over samples, so a 2-token VQA answer weighs as much as a 20-token caption
     text_loss_mean: str = "token"
     bit_loss_weight: float = 3.0  # published lambda_loss
+    # editing with the copy path (decoder.source_copy): weight of the copy gate's BCE against where copying the
+    # source gives every bit of a position right (`vargpt.training.objective.copy_gate_loss`); 0 = none
+    copy_gate_loss_weight: float = 0.0
 
     def validate(self) -> VARGPTConfig:
         self.vision.validate()
@@ -320,6 +336,7 @@ class VARGPTConfig:
                f"a multiple of the VAE stride ({self.vae.stride})")
         _check(self.text_loss_mean in ("token", "sample"), "", "text_loss_mean", self.text_loss_mean,
                "'token' or 'sample'")
+        _check(self.copy_gate_loss_weight >= 0, "", "copy_gate_loss_weight", self.copy_gate_loss_weight, ">= 0")
         return self
 
     # ---- JSON round-trip

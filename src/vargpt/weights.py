@@ -454,8 +454,8 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
     """Read a model checkpoint: its config (or ``config``), weights (or the file/directory ``weights``), tokenizer.
 
     Weights are read in ``dtype`` (None: as stored) onto ``device``. A config with ``decoder.source_condition``
-    over weights without ``vargpt_gen.source_embed`` gets that term at zero (exactly the model without it); the same
-    for ``vision.place_embed`` and ``image_place``.
+    over weights without ``vargpt_gen.source_embed`` gets that term at zero (exactly the model without it), and
+    ``source_copy`` an open copy gate (``source_gate`` zero); the same for ``vision.place_embed`` and ``image_place``.
     """
     path = Path(path)
     directory = path if path.is_dir() else path.parent
@@ -471,7 +471,7 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
     if config.decoder.source_condition:
         optional |= {"vargpt_gen.source_embed.weight": (C, D), "vargpt_gen.source_embed.bias": (C,)}
     if config.decoder.source_condition and config.decoder.source_copy:
-        optional |= {"vargpt_gen.source_copy.weight": (D, C)}
+        optional |= {"vargpt_gen.source_gate.weight": (1, C), "vargpt_gen.source_gate.bias": (1,)}
     if P:
         optional |= {"image_place.row.weight": (P, H), "image_place.col.weight": (P, H)}
     for key, shape in optional.items():

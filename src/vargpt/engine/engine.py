@@ -66,7 +66,7 @@ from vargpt.engine import llm as fast_llm
 from vargpt.engine.loop import ImageTokens, sample_from_prompt
 from vargpt.errors import InputError
 from vargpt.models import vlm as V
-from vargpt.models.generation import null_prompt_ids, prompt_context, scatter_gen_tokens, source_term, start_condition
+from vargpt.models.generation import null_prompt_ids, prompt_context, scatter_gen_tokens, source_codes, start_condition
 from vargpt.models.quantizer import add_scale, next_scale_input
 from vargpt.models.vargpt import VARGPT
 from vargpt.processing import DEFAULT_SYSTEM_PROMPT
@@ -224,7 +224,7 @@ class Engine:
 
     def _source(self, batch: PromptBatch, schedule: Schedule) -> dict[str, Tensor]:
         """The loop's source arguments for the batch's edit sources (``decoder.source_condition``), resized to the
-        output size: ``source_BLC`` (source bits) or ``source_latent`` (residual source term); none without."""
+        output size: ``source_BLD`` (source bits) or ``source_latent`` (residual source codes); none without."""
         if not self.config.decoder.source_condition or batch.source_images is None:
             return {}
         size_hw = (schedule[-1][1] * self.config.vae.stride, schedule[-1][2] * self.config.vae.stride)
@@ -236,7 +236,7 @@ class Engine:
         px = torch.stack(px).to(self.device)
         if self.config.decoder.source_input == "residual":
             return {"source_latent": self.model.vae_local.encode_latent(px)}
-        return {"source_BLC": source_term(self.model.vae_local, self.model.vargpt_gen, px, schedule)}
+        return {"source_BLD": source_codes(self.model.vae_local, self.model.vargpt_gen, px, schedule)}
 
     @torch.inference_mode()
     def sample_scales(self, batch: PromptBatch, schedule: Schedule, sampling: SamplingConfig | None = None, *,

@@ -98,7 +98,7 @@ def sample_image_tokens(decoder: VisualDecoder, cond: DecoderCondition, schedule
     ``callback(k, bits_BhwD)`` runs after each scale (progress bars, previews); then ``stop()``: True raises
     `GenerationInterrupted`.
     ``source_latent`` [B, D, H, W] (editing with ``decoder.source_input = "residual"``): before each scale its
-    `source_residual` against the running sum drawn so far becomes that scale's slice of ``cond.source_BLC``
+    `source_residual` against the running sum drawn so far becomes that scale's slice of ``cond.source_BLD``
     (both CFG rows).
     """
     sampling = sampling or SamplingConfig()
@@ -122,12 +122,12 @@ def sample_image_tokens(decoder: VisualDecoder, cond: DecoderCondition, schedule
     out = ImageTokens([], summed)
     if source_latent is not None:
         L = sum(t * h * w for t, h, w in schedule)
-        cond = dataclasses.replace(cond, source_BLC=cond.cond_BD.new_zeros(rows, L, decoder.cfg.embed_dim))
+        cond = dataclasses.replace(cond, source_BLD=torch.zeros(rows, L, D, device=device))
     start = 0
     for k, (_, h, w) in enumerate(schedule):
         if source_latent is not None:
-            term = decoder.source_tokens(source_residual(source_latent, summed, (h, w)))
-            cond.source_BLC[:, start:start + h * w] = term.repeat(rows // B, 1, 1)
+            term = source_residual(source_latent, summed, (h, w))
+            cond.source_BLD[:, start:start + h * w] = term.repeat(rows // B, 1, 1)
         start += h * w
         if hook is not None:
             x_BlC = hook(k, x_BlC)
@@ -177,17 +177,17 @@ def generation_condition(decoder: VisualDecoder, sos: SosEmbedding, context_BNC:
                          context_mask_BN: Tensor | None = None, *, guided: bool = True,
                          uncond_context_BNC: Tensor | None = None,
                          uncond_context_mask_BN: Tensor | None = None,
-                         source_BLC: Tensor | None = None) -> DecoderCondition:
+                         source_BLD: Tensor | None = None) -> DecoderCondition:
     """The decoder condition of a generation batch: B conditional rows, then (``guided``) B unconditional ones.
 
     Conditional rows: start-of-image condition + the prompt context. Unconditional rows: the ``cfg_uncond``
     condition + ``uncond_context`` if given, else the published context (`published_uncond_context`).
-    ``source_BLC`` (editing with ``decoder.source_condition``, `VisualDecoder.source_tokens`): the source term of
+    ``source_BLD`` (editing with ``decoder.source_condition``, `DecoderCondition`): the source codes of
     each sample, given to its conditional AND its unconditional row (condition dropout keeps it in training too),
     so guidance amplifies the instruction, not the copy.
     """
     B, N = context_BNC.shape[:2]
-    cond = decoder.condition(start_condition(decoder, sos, B), context_BNC, context_mask_BN, source_BLC=source_BLC)
+    cond = decoder.condition(start_condition(decoder, sos, B), context_BNC, context_mask_BN, source_BLD=source_BLD)
     if not guided:
         return cond
     if uncond_context_BNC is None:
@@ -195,7 +195,7 @@ def generation_condition(decoder: VisualDecoder, sos: SosEmbedding, context_BNC:
                    else torch.full((B,), N, device=context_BNC.device))
         uncond_context_BNC, uncond_context_mask_BN = published_uncond_context(decoder, lengths)
     uncond = decoder.condition(start_condition(decoder, sos, B, uncond=True), uncond_context_BNC,
-                               uncond_context_mask_BN, source_BLC=source_BLC)
+                               uncond_context_mask_BN, source_BLD=source_BLD)
     return DecoderCondition.cat(cond, uncond)
 
 
@@ -253,7 +253,7 @@ def sample_from_prompt(decoder: VisualDecoder, projector_in: GenProjector, proje
                        generator: torch.Generator | Sequence[torch.Generator] | None = None,
                        uncond_mode: Literal["published", "cached"] = "published",
                        uncond_inputs_embeds_BSH: Tensor | None = None, uncond_context_BNC: Tensor | None = None,
-                       uncond_context_mask_BN: Tensor | None = None, source_BLC: Tensor | None = None,
+                       uncond_context_mask_BN: Tensor | None = None, source_BLD: Tensor | None = None,
                        source_latent: Tensor | None = None, return_logits: bool = False,
                        callback: Callable[[int, Tensor], None] | None = None,
                        stop: Callable[[], bool] | None = None) -> ImageTokens:
@@ -268,8 +268,8 @@ def sample_from_prompt(decoder: VisualDecoder, projector_in: GenProjector, proje
        continue from each prompt's length, as published); unconditional rows per ``uncond_mode``
        (``"cached"``: a cache of their own, pre-filled with ``uncond_inputs_embeds_BSH`` if given).
 
-    ``source_BLC``: the source term of each prompt (editing, `VisualDecoder.source_tokens`), for both CFG rows;
-    the decoder adds its slice of scale k to that scale's block input (`VisualDecoder.forward_step`).
+    ``source_BLD``: the source codes of each prompt (editing, `DecoderCondition`), for both CFG rows; the decoder
+    uses its slice of scale k at that scale (`VisualDecoder.forward_step`).
     ``source_latent``: instead, each source's VAE latent (``decoder.source_input = "residual"``; the term of scale k
     is built in the loop from what has been drawn, `sample_image_tokens`).
     """
@@ -289,7 +289,7 @@ def sample_from_prompt(decoder: VisualDecoder, projector_in: GenProjector, proje
     guided = any(c != 1 for c in per_scale(sampling.cfg_scale, len(schedule), "cfg_scale"))
     cond = generation_condition(decoder, sos, context, context_mask, guided=guided,
                                 uncond_context_BNC=uncond_context_BNC, uncond_context_mask_BN=uncond_context_mask_BN,
-                                source_BLC=source_BLC)
+                                source_BLD=source_BLD)
     uncond_cache = new_cache() if uncond_mode == "cached" else None  # stays empty when cfg is 1 at every scale
     if guided and uncond_cache is not None:
         if uncond_inputs_embeds_BSH is not None:

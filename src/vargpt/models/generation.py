@@ -12,7 +12,7 @@ Contract
   the ``<|image_gen_pad|>`` slots of a training sequence, and read the LLM states back from them.
 * `teacher_forced_forward(...)`: the released training forward of a generation batch (decoder stream through
   the LLM at the pad slots, LLM states back to the decoder): LLM states + bit logits.
-* `source_term(vae, decoder, pixels, schedule)`: the decoder's source term of edit sources (source conditioning).
+* `source_codes(vae, pixels, schedule)`: the decoder's source codes of edit sources (source conditioning).
 * `null_prompt_ids(processor)`: the null prompt of the consistent unconditional branch (chat template, empty user
   message, default system), without the start token: sampling's unconditional rows and training's condition
   dropout both use it.
@@ -50,7 +50,7 @@ __all__ = [
     "gather_gen_states",
     "null_prompt_ids",
     "prompt_context",
-    "source_term",
+    "source_codes",
     "scatter_gen_tokens",
     "start_condition",
 ]
@@ -118,6 +118,7 @@ class TeacherForcedOutput:
 
     hidden_BSH: Tensor
     gen_logits_BLV: Tensor
+    copy_gate_BL: Tensor | None = None  # the copy gate's logits (decoder.source_copy with a source), else None
 
 
 def teacher_forced_forward(decoder: VisualDecoder, projector_in: GenProjector, projector_out: GenProjector,
@@ -126,7 +127,7 @@ def teacher_forced_forward(decoder: VisualDecoder, projector_in: GenProjector, p
                            attention_mask_BS: Tensor | None = None,
                            cond_drop_generator: torch.Generator | None = None,
                            drop_path_generator: torch.Generator | None = None,
-                           cond_BD: Tensor | None = None, source_BLC: Tensor | None = None) -> TeacherForcedOutput:
+                           cond_BD: Tensor | None = None, source_BLD: Tensor | None = None) -> TeacherForcedOutput:
     """The released training forward of a batch with images to generate (one image per sample that has
     ``<|image_gen_pad|>`` slots, in batch order; ``x_wo_prefix_BlD`` holds their teacher-forcing inputs):
 
@@ -138,8 +139,8 @@ def teacher_forced_forward(decoder: VisualDecoder, projector_in: GenProjector, p
        projected states of the tokens before ``<|image_gen_start|>`` -> bit logits.
 
     ``cond_BD``: a precomputed start condition per image (e.g. with the caller's own condition dropout);
-    default `start_condition` with the decoder's dropout (``cond_drop_generator``). ``source_BLC``: the source term
-    per image (`VisualDecoder.source_tokens`), added to the decoder's block input.
+    default `start_condition` with the decoder's dropout (``cond_drop_generator``). ``source_BLD``: the source codes
+    per image (`DecoderCondition`; zero rows: none).
     """
     has_image = (input_ids_BS == pad_id).any(1)
     n_img = int(has_image.sum())
@@ -159,25 +160,26 @@ def teacher_forced_forward(decoder: VisualDecoder, projector_in: GenProjector, p
     states = gather_gen_states(hidden, input_ids_BS, pad_id, n_img)[:, :L]
     mask = attention_mask_BS[has_image] if attention_mask_BS is not None else None
     context, context_mask = prompt_context(hidden[has_image], input_ids_BS[has_image], start_id, projector_out, mask)
-    cond = decoder.condition(cond_BD, context, context_mask, source_BLC=source_BLC)
-    logits = decoder.forward_train(projector_out(states), cond, schedule, generator=drop_path_generator)
-    return TeacherForcedOutput(hidden, logits)
+    cond = decoder.condition(cond_BD, context, context_mask, source_BLD=source_BLD)
+    logits, gate = decoder.forward_train(projector_out(states), cond, schedule, generator=drop_path_generator,
+                                         return_gate=True)
+    return TeacherForcedOutput(hidden, logits, gate)
 
 
 
 
-def source_term(vae: BSQVAE, decoder: VisualDecoder, pixels_N3HW: Tensor, schedule: Schedule,
-                mask_N: Tensor | None = None) -> Tensor:
-    """The decoder's source term [N, L, C] of source images [N, 3, H, W] in [-1, 1] at the generation size: their
-    own multi-scale bits, encoded exactly like the targets' bit labels (clean, no self-correction), as +-1 through
-    ``vargpt_gen.source_embed``. ``mask_N``: False rows get zeros (their pixels are not encoded)."""
+def source_codes(vae: BSQVAE, decoder: VisualDecoder, pixels_N3HW: Tensor, schedule: Schedule,
+                 mask_N: Tensor | None = None) -> Tensor:
+    """The decoder's source codes [N, L, D] of source images [N, 3, H, W] in [-1, 1] at the generation size
+    (``source_input = "bits"``): their own multi-scale bits, encoded exactly like the targets' bit labels (clean, no
+    self-correction), as +-1. ``mask_N``: False rows get zeros (their pixels are not encoded)."""
     device = decoder.source_embed.weight.device
     n, L = pixels_N3HW.shape[0], sum(t * h * w for t, h, w in schedule)
     mask = (torch.ones(n, dtype=torch.bool) if mask_N is None else mask_N.bool()).to(device)
     codes = torch.zeros(n, L, decoder.codebook_dim, device=device)
     if bool(mask.any()):
         codes[mask] = vae.encode(pixels_N3HW.to(device=device)[mask], schedule).labels_BLD.float() * 2 - 1
-    return decoder.source_tokens(codes, None if mask_N is None else mask)
+    return codes
 
 
 def null_prompt_ids(processor: VARGPTProcessor) -> list[int]:

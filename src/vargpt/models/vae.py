@@ -199,9 +199,9 @@ class PatchEncoder(nn.Module):
 
 
 class PatchDecoder(nn.Module):
-    """``arch="patch"``: 3x3 conv in, ``num_res_blocks + 1`` ResnetBlocks, per-patch MLP (1x1 conv to 4x width,
-    SiLU, 1x1 conv to the patch's pixels), pixel shuffle. The MLP matters: a single 1x1 conv makes every patch a
-    linear mix of ``base_ch`` fixed patches, which blurs small shapes however long it trains."""
+    """``arch="patch"``: 3x3 conv in, ``num_res_blocks + 1`` ResnetBlocks, per-patch MLP (1x1 conv to
+    ``decoder_mlp_ch``, SiLU, 1x1 conv to the patch's pixels), pixel shuffle. The MLP matters: a single 1x1 conv
+    makes every patch a linear mix of ``base_ch`` fixed patches, which blurs small shapes however long it trains."""
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
@@ -209,10 +209,11 @@ class PatchDecoder(nn.Module):
         self.conv_in = Conv(cfg.codebook_dim, ch, 3, padding=1)
         self.block = nn.Sequential(*(ResnetBlock(ch, ch, g) for _ in range(cfg.num_res_blocks + 1)))
         self.norm_out = Norm(ch, g)
-        self.proj_out = Conv(ch, 4 * ch, 1)
-        self.conv_out = Conv(4 * ch, cfg.in_channels * p * p, 1)
+        mlp = cfg.decoder_mlp_ch
+        self.proj_out = Conv(ch, mlp, 1)
+        self.conv_out = Conv(mlp, cfg.in_channels * p * p, 1)
         self.patch_size = p
-        self.refine = _Refine(cfg.in_channels + 4 * ch // (p * p), cfg) if cfg.refine_blocks else None
+        self.refine = _Refine(cfg.in_channels + mlp // (p * p), cfg) if cfg.refine_blocks else None
 
     def forward(self, z: Tensor) -> Tensor:
         h = F.silu(self.proj_out(F.silu(self.norm_out(self.block(self.conv_in(z))))))

@@ -28,7 +28,7 @@ losses, condition dropout and DPO log-probs in `vargpt.training.objective`; read
 checkpoints in `vargpt.weights` (`from_pretrained` / `save_pretrained` call it).
 
 Optional source conditioning for editing (``decoder.source_condition``, VAREdit-style; off in every preset and
-absent from released checkpoints): the edit source's own multi-scale bits (`vargpt.models.generation.source_term`)
+absent from released checkpoints): the edit source's own multi-scale bits (`vargpt.models.generation.source_codes`)
 enter the decoder's block input through the zero-initialised ``vargpt_gen.source_embed``. Loading weights without
 ``source_embed`` into such a config starts it at zero (exactly the model without it).
 """
@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from vargpt.config import VARGPTConfig
 from vargpt.errors import CheckpointError, InputError
 from vargpt.models import vlm as V
-from vargpt.models.generation import source_term, teacher_forced_forward
+from vargpt.models.generation import source_codes, teacher_forced_forward
 from vargpt.models.projectors import GenProjector, ImagePlaceEmbedding, SosEmbedding
 from vargpt.models.vae import BSQVAE
 from vargpt.models.visual_decoder import VisualDecoder
@@ -68,6 +68,8 @@ class GenerationForward:
     gen_logits_BLV: Tensor | None = None  # [N, L, 2D] bit logits of the N target images
     bit_labels_BLD: Tensor | None = None  # [N, L, D] their bits (the VAE encoding of the targets)
     schedule: Schedule | None = None
+    source_BLD: Tensor | None = None  # edit sources' codes given to the decoder (zero rows: none), else None
+    copy_gate_BL: Tensor | None = None  # the copy gate's logits (decoder.source_copy), else None
 
 
 class VARGPT(nn.Module):
@@ -234,15 +236,16 @@ class VARGPT(nn.Module):
                                        source_mask=src_mask)
         source = None
         if residual:
-            source = self.vargpt_gen.source_tokens(tokens.source_BLD, src_mask)
+            source = tokens.source_BLD * src_mask.view(-1, 1, 1).to(tokens.source_BLD)
         elif src_px is not None:
-            source = source_term(self.vae_local, self.vargpt_gen, src_px, schedule, src_mask)
+            source = source_codes(self.vae_local, self.vargpt_gen, src_px, schedule, src_mask)
         out = teacher_forced_forward(self.vargpt_gen, self.image_gen_projector, self.image_gen_projector_out,
                                      self.sos_embedding, llm, embeds, ids, tokens.x_wo_prefix_BLD.to(self.dtype),
                                      schedule, start_id=tok.image_gen_start, pad_id=tok.image_gen_pad,
                                      attention_mask_BS=mask, cond_drop_generator=generator,
-                                     drop_path_generator=generator, cond_BD=cond_BD, source_BLC=source)
-        return GenerationForward(out.hidden_BSH, out.gen_logits_BLV, tokens.labels_BLD, schedule)
+                                     drop_path_generator=generator, cond_BD=cond_BD, source_BLD=source)
+        return GenerationForward(out.hidden_BSH, out.gen_logits_BLV, tokens.labels_BLD, schedule, source,
+                                 out.copy_gate_BL)
 
     def _batch_source(self, batch: dict[str, Any], gen_px: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Edit sources of a batch's targets and which rows have one (``gen_source_*`` keys), or Nones (no source

@@ -14,9 +14,11 @@ position's residual code (2 logits per bit, ``head`` width 2D). Its inputs are
 * the token sequence: the first token, then ``word_embed`` of the teacher-forcing / sampled codes of scales
   1..K-1 (`embed_inputs`). In VARGPT the sequence passes through the LLM before the blocks; the decoder
   only sees what it is given, so `forward_train` / `forward_step` take the *block input* ``x``;
-* optionally (``DecoderConfig.source_condition``, editing; not in the released layout) a source term
-  ``DecoderCondition.source_BLC``: ``source_embed`` (zero-initialised) of the source image's own bits (+-1) of
-  scale k at the positions predicting scale k (`source_tokens`), added to the block input with the level embedding.
+* optionally (``DecoderConfig.source_condition``, editing; not in the released layout) the source's codes
+  ``DecoderCondition.source_BLD`` (entries ~+-1; zero rows: no source): the source image's own bits of scale k (or
+  its residual, ``source_input``) at the positions predicting scale k; ``source_embed`` (zero-initialised) of them
+  is added to the block input with the level embedding, and with ``source_copy = G > 0`` they also reach the bit
+  logits, ``G * gate * code`` per bit, a per-position gate (``source_gate``) deciding where to copy.
 
 Blocks: AdaLN -> self-attention (cosine attention with a learned per-head scale, 2-D RoPE, block-causal over
 scales) -> cross-attention (pre-LayerNorm with affine, no gate) -> AdaLN -> GELU(tanh) FFN; DropPath on the
@@ -48,7 +50,9 @@ Differences from the published implementation
 * Gradient checkpointing per block (`DecoderConfig.gradient_checkpointing`) instead of per chunk.
 * Optional source conditioning for editing (VAREdit-style, arXiv 2508.15772; absent from the released model): the
   source's scale-k bits tell the positions predicting scale k what is there to keep. ``source_embed`` starts at
-  zero, so a model that turns it on starts exactly equal to one without it.
+  zero, so a model that turns it on starts exactly equal to one without it. The copy path (``source_copy``) instead
+  starts as a copy of the source wherever the model is unsure (``source_gate`` starts open): an edit model then only
+  has to learn where to deviate, not how to reproduce every bit of an unchanged picture.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ from torch.utils.checkpoint import checkpoint
 from vargpt.config import CompatConfig, DecoderConfig
 from vargpt.errors import InputError
 from vargpt.scales import TEMPLATES, Schedule
+
+GATE_OPEN = 4.0  # the copy gate's logit at source_gate = 0: sigmoid(4) = 0.98, copying from the first step
 
 __all__ = [
     "DecoderCondition",
@@ -165,15 +171,16 @@ class DecoderCondition:
 
     ``cond_BD``: AdaLN condition; ``gss_B16C``: the shared modulation ``shared_ada_lin(cond_BD)``;
     ``context_BNC``: cross-attention context (rows past a sample's length are padding); ``context_mask_BN``:
-    True at real context rows (None = all real); ``source_BLC``: the source term added to the block input of every
-    position of the schedule (`VisualDecoder.source_tokens`; zero rows for samples without a source; None = none).
+    True at real context rows (None = all real); ``source_BLD``: the source's codes at every position of the
+    schedule (entries ~+-1: bits as +-1 or `source_residual`; all-zero rows for samples without a source; None =
+    none), embedded by the decoder (`VisualDecoder.source_term`).
     """
 
     cond_BD: Tensor
     gss_B16C: Tensor
     context_BNC: Tensor
     context_mask_BN: Tensor | None = None
-    source_BLC: Tensor | None = None
+    source_BLD: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -195,15 +202,15 @@ class DecoderCondition:
         c2, m2 = pad(second, n2)
         mask = torch.cat([m1, m2])
         source = None
-        if first.source_BLC is not None or second.source_BLC is not None:
-            like = first.source_BLC if first.source_BLC is not None else second.source_BLC
-            s1, s2 = (c.source_BLC if c.source_BLC is not None else like.new_zeros(c.batch_size, *like.shape[1:])
+        if first.source_BLD is not None or second.source_BLD is not None:
+            like = first.source_BLD if first.source_BLD is not None else second.source_BLD
+            s1, s2 = (c.source_BLD if c.source_BLD is not None else like.new_zeros(c.batch_size, *like.shape[1:])
                       for c in (first, second))
             source = torch.cat([s1, s2])
         return DecoderCondition(cond_BD=torch.cat([first.cond_BD, second.cond_BD]),
                                 gss_B16C=torch.cat([first.gss_B16C, second.gss_B16C]),
                                 context_BNC=torch.cat([c1, c2]),
-                                context_mask_BN=None if bool(mask.all()) else mask, source_BLC=source)
+                                context_mask_BN=None if bool(mask.all()) else mask, source_BLD=source)
 
 
 class DecoderKVCache:
@@ -501,19 +508,13 @@ class VisualDecoder(nn.Module):
             self.source_embed = nn.Linear(codebook_dim, C, device="meta").to_empty(device=self.head.weight.device)
             nn.init.zeros_(self.source_embed.weight)
             nn.init.zeros_(self.source_embed.bias)
-        self.source_copy = None
+        self.source_gate = None
         if cfg.source_condition and cfg.source_copy:
-            # the source term straight to the bit logits (no bias: rows without a source get nothing), so keeping the
-            # source is a linear read-out rather than something every block must carry through. Small random weights
-            # (from a generator of its own): with source_embed at zero the model is still the one without a source,
-            # and both get gradients from the first step
-            self.source_copy = nn.Linear(C, codebook_dim, bias=False, device="meta").to_empty(
-                device=self.head.weight.device)
-            if not self.source_copy.weight.is_meta:
-                w = torch.empty(codebook_dim, C)
-                nn.init.trunc_normal_(w, std=init_std, generator=torch.Generator().manual_seed(0))
-                with torch.no_grad():
-                    self.source_copy.weight.copy_(w)
+            # where to copy: a per-position gate sigmoid(GATE_OPEN + source_gate(h)) on the copy logits. Zeros (the
+            # value a checkpoint without it loads with), so it starts open everywhere
+            self.source_gate = nn.Linear(C, 1, device="meta").to_empty(device=self.head.weight.device)
+            nn.init.zeros_(self.source_gate.weight)
+            nn.init.zeros_(self.source_gate.bias)
         self._rope: dict[tuple, Tensor] = {}
 
     # ---- helpers
@@ -562,23 +563,23 @@ class VisualDecoder(nn.Module):
         return self.cfg_uncond[:length].unsqueeze(0).expand(batch_size, -1, -1)
 
     def condition(self, cond_BD: Tensor, context_BNC: Tensor, context_mask_BN: Tensor | None = None, *,
-                  source_BLC: Tensor | None = None) -> DecoderCondition:
+                  source_BLD: Tensor | None = None) -> DecoderCondition:
         """Bundle ``cond_BD`` (with its shared modulation, computed in fp32), the cross-attention context and the
-        optional source term (`source_tokens`)."""
+        optional source codes (see `DecoderCondition`)."""
         lin = self.shared_ada_lin[1]  # fp32 whatever the parameter dtype, as released
         gss = F.linear(F.silu(cond_BD.float()), lin.weight.float(), lin.bias.float())
         return DecoderCondition(cond_BD, gss.reshape(-1, 1, 6, self.cfg.embed_dim), context_BNC, context_mask_BN,
-                                source_BLC)
+                                source_BLD)
 
-    def source_tokens(self, source_BLD: Tensor, mask_B: Tensor | None = None) -> Tensor:
-        """Source term [B, L, C] of the source images' codes ``source_BLD`` (+-1, in the order of the bit labels:
-        position block k = the source's scale-k bits, which line up with the positions predicting scale k);
-        ``mask_B``: False for samples without a source (their rows are zero)."""
+    def source_term(self, source_BLD: Tensor) -> Tensor:
+        """The block-input term [B, L, C] of source codes ``source_BLD`` (in the order of the bit labels: position
+        block k = the source's scale-k codes, which line up with the positions predicting scale k): ``source_embed``
+        of them, zero at all-zero positions (samples without a source)."""
         if not self.cfg.source_condition:
             raise InputError("this decoder has no source conditioning (config decoder.source_condition = false)")
         w = self.source_embed.weight
         x = self.source_embed(source_BLD.to(w.dtype))
-        return x if mask_B is None else x * mask_B.to(device=x.device, dtype=x.dtype).view(-1, 1, 1)
+        return x * (source_BLD != 0).any(-1, keepdim=True).to(x.dtype)
 
     def first_tokens(self, cond_BD: Tensor) -> Tensor:
         """The first token of every sequence: ``cond_BD + pos_start``, [B, 1, C]."""
@@ -592,24 +593,30 @@ class VisualDecoder(nn.Module):
         """Teacher-forcing sequence [B, L, C]: first token, then the embedded inputs of scales 1..K-1."""
         return torch.cat([self.first_tokens(cond_BD), self.embed_inputs(x_wo_prefix_BlD)], dim=1)
 
-    def get_logits(self, h_BLC: Tensor, cond_BD: Tensor, source_BLC: Tensor | None = None,
-                   modulation: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """Head AdaLN + bitwise head: [B, L, 2D] (columns 2d, 2d+1 = logits of bit d being 0, 1); with a source
-        term (of these positions), ``source_copy`` of it moves each bit's pair of logits apart. ``modulation``: the
-        head AdaLN's of ``cond_BD``, when kept (`DecoderKVCache`)."""
-        logits = self.head(self.head_nm(h_BLC.to(cond_BD.dtype), cond_BD, modulation))
-        if source_BLC is None or self.source_copy is None:
-            return logits
-        half = 0.5 * self.source_copy(source_BLC.to(logits.dtype))
-        return logits + torch.stack([-half, half], dim=-1).flatten(-2)
+    def get_logits(self, h_BLC: Tensor, cond_BD: Tensor, source_BLD: Tensor | None = None,
+                   modulation: tuple[Tensor, Tensor] | None = None, *,
+                   return_gate: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
+        """Head AdaLN + bitwise head: [B, L, 2D] (columns 2d, 2d+1 = logits of bit d being 0, 1). With the copy
+        path and source codes of these positions, bit d's logit gap (1 minus 0) grows by ``source_copy * gate *
+        code_d``, gate = sigmoid(GATE_OPEN + ``source_gate``(h)) per position. ``modulation``: the head AdaLN's of
+        ``cond_BD``, when kept (`DecoderKVCache`). ``return_gate``: also the gate's logits [B, L] (None without)."""
+        h = self.head_nm(h_BLC.to(cond_BD.dtype), cond_BD, modulation)
+        logits, gate = self.head(h), None
+        if source_BLD is not None and self.source_gate is not None:
+            gate = self.source_gate(h).float().squeeze(-1) + GATE_OPEN
+            half = (0.5 * self.cfg.source_copy) * torch.sigmoid(gate).unsqueeze(-1) * source_BLD.float()
+            logits = logits + torch.stack([-half, half], dim=-1).flatten(-2).to(logits.dtype)
+        return (logits, gate) if return_gate else logits
 
     # ---- forwards
 
     def forward_train(self, x_BLC: Tensor, cond: DecoderCondition, schedule: Schedule, *,
-                      num_scales: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+                      num_scales: int | None = None, generator: torch.Generator | None = None,
+                      return_gate: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
         """All scales in one pass (block-causal mask). ``x_BLC``: block input (see `input_sequence`);
-        returns logits [B, L, 2D]. ``num_scales``: only the first scales of ``schedule`` are given (the RoPE
-        positions still come from the whole schedule). ``generator`` drives DropPath in training mode."""
+        returns logits [B, L, 2D] (``return_gate``: and the copy gate's logits, `get_logits`). ``num_scales``: only
+        the first scales of ``schedule`` are given (the RoPE positions still come from the whole schedule).
+        ``generator`` drives DropPath in training mode."""
         schedule = tuple(schedule)
         used = schedule[:num_scales] if num_scales is not None else schedule
         B, L, _ = x_BLC.shape
@@ -617,8 +624,8 @@ class VisualDecoder(nn.Module):
             raise InputError(f"decoder input has {L} tokens but the scale schedule has "
                              f"{sum(t * h * w for t, h, w in used)}")
         x = x_BLC + self.lvl_embed(_scale_ids(used, x_BLC.device))
-        if cond.source_BLC is not None:
-            x = x + cond.source_BLC[:, :L].to(x.dtype)
+        if cond.source_BLD is not None:
+            x = x + self.source_term(cond.source_BLD[:, :L]).to(x.dtype)
         rope = self.rope(schedule, x.device, x.dtype)[:, :L]
         mask = block_causal_mask(used, x.device)
         for block in self.blocks:
@@ -630,7 +637,8 @@ class VisualDecoder(nn.Module):
                 x = checkpoint(block, *args, attn_mask=mask, drop_B11=drop, use_reentrant=False)
             else:
                 x = block(*args, attn_mask=mask, drop_B11=drop)
-        return self.get_logits(x, cond.cond_BD, None if cond.source_BLC is None else cond.source_BLC[:, :L])
+        return self.get_logits(x, cond.cond_BD, None if cond.source_BLD is None else cond.source_BLD[:, :L],
+                               return_gate=return_gate)
 
     def new_cache(self, batch_size: int, schedule: Schedule, *, device: torch.device | str | None = None,
                   dtype: torch.dtype = torch.float32) -> DecoderKVCache:
@@ -651,8 +659,9 @@ class VisualDecoder(nn.Module):
             raise InputError(f"scale {scale_index} expects {t * h * w} tokens starting at {start}; got {l} tokens "
                              f"with {cache.length} cached (run the scales in order with one cache)")
         x = x_BlC + self.lvl_embed.weight[scale_index]
-        if cond.source_BLC is not None:
-            x = x + cond.source_BLC[:, start:start + l].to(x.dtype)
+        source = None if cond.source_BLD is None else cond.source_BLD[:, start:start + l]
+        if source is not None:
+            x = x + self.source_term(source).to(x.dtype)
         rope = self.rope(schedule, x.device, x.dtype)[:, start:start + l]
         for i, block in enumerate(self.blocks):
             x = block(x, cond.gss_B16C, cond.context_BNC, cond.context_mask_BN, rope, cache=cache, layer=i,
@@ -660,6 +669,4 @@ class VisualDecoder(nn.Module):
         cache.length = start + l
         if cache.head_modulation is None:
             cache.head_modulation = self.head_nm.modulation(cond.cond_BD)
-        return self.get_logits(x, cond.cond_BD,
-                               None if cond.source_BLC is None else cond.source_BLC[:, start:start + l],
-                               cache.head_modulation)
+        return self.get_logits(x, cond.cond_BD, source, cache.head_modulation)

@@ -146,7 +146,22 @@ def training_losses(model: VARGPT, batch: dict[str, Any], *,
     text = text_ce(model, out.hidden_BSH, labels)
     bit = (bit_loss(out.gen_logits_BLV, out.bit_labels_BLD, reduction=cfg.compat.bit_loss, schedule=out.schedule)
            if out.gen_logits_BLV is not None else text.new_zeros(()))
-    return {"loss": cfg.text_loss_weight * text + cfg.bit_loss_weight * bit, "text_loss": text, "bit_loss": bit}
+    losses = {"loss": cfg.text_loss_weight * text + cfg.bit_loss_weight * bit, "text_loss": text, "bit_loss": bit}
+    if cfg.copy_gate_loss_weight and out.copy_gate_BL is not None:
+        losses["gate_loss"] = copy_gate_loss(out.copy_gate_BL, out.source_BLD, out.bit_labels_BLD)
+        losses["loss"] = losses["loss"] + cfg.copy_gate_loss_weight * losses["gate_loss"]
+    return losses
+
+
+def copy_gate_loss(gate_BL: Tensor, source_BLD: Tensor, labels_BLD: Tensor) -> Tensor:
+    """BCE of the copy gate's logits against where copying is right: 1 at a position whose every label bit is the
+    sign of the source's code there (an unchanged region, with residual source input), else 0; over the rows that
+    have a source (mean; zero without any)."""
+    rows = (source_BLD != 0).flatten(1).any(1)
+    if not bool(rows.any()):
+        return gate_BL.sum() * 0.0
+    target = ((source_BLD[rows] > 0) == labels_BLD[rows].bool()).all(-1).to(gate_BL.dtype)
+    return F.binary_cross_entropy_with_logits(gate_BL[rows], target)
 
 
 def image_logprobs(model: VARGPT, batch: dict[str, Any], *, average: bool = False) -> Tensor:
