@@ -294,3 +294,40 @@ def test_cli_trains_a_patch_vae_with_foreground_weight(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "vae", "--data", str(data), "--out", str(out), "--vae", "base_ch=wide"])
     assert "comma-separated list of integers" in capsys.readouterr().err
+
+
+def test_recipe_vae_of_another_shape_replaces_the_checkpoints(tmp_path):
+    """`model.vae` with a wider decoder MLP than the checkpoint's own VAE (`model.config_overrides.vae` saying so):
+    the model takes that VAE's weights and the checkpoint's everything else; without model.vae the override fails
+    the strict load with the VAE section named."""
+    import dataclasses
+
+    from vargpt.config import tiny_config
+    from vargpt.errors import ConfigError
+    from vargpt.models.vargpt import VARGPT
+    from vargpt.training.recipe import recipe_from_dict
+    from vargpt.training.trainer import build_model
+
+    base = tiny_config()
+    patch = dataclasses.replace(base.vae, arch="patch", patch_size=8, base_ch=32, codebook_dim=base.vae.codebook_dim)
+    torch.manual_seed(0)
+    VARGPT(dataclasses.replace(base, vae=patch)).save_pretrained(tmp_path / "ckpt")
+    torch.manual_seed(1)
+    wide = VARGPT(dataclasses.replace(base, vae=dataclasses.replace(patch, patch_mlp_ch=256)))
+    wide.save_pretrained(tmp_path / "wide")  # a full model directory serves as a VAE directory
+
+    def recipe(vae):
+        return recipe_from_dict({
+            "name": "gen", "stage": "sft_gen", "out_dir": str(tmp_path / "runs"),
+            "model": {"checkpoint": str(tmp_path / "ckpt"), "preset": None, "vae": vae,
+                      "config_overrides": {"vae": {"patch_mlp_ch": 256}}},
+            "data": {"sources": [{"path": str(tmp_path / "data"), "format": "shapesworld"}], "image_size": 64}})
+
+    model = build_model(recipe(str(tmp_path / "wide")))
+    old = VARGPT.from_pretrained(tmp_path / "ckpt")
+    assert model.config.vae.patch_mlp_ch == 256
+    for k, v in model.state_dict().items():
+        want = (wide if k.startswith("vae_local.") else old).state_dict()[k]
+        assert torch.equal(v, want), k
+    with pytest.raises((CheckpointError, ConfigError), match="vae"):
+        build_model(recipe(None))
