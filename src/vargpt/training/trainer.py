@@ -173,8 +173,8 @@ def _new_model(recipe: Recipe) -> nn.Module:
         if init.config_overrides:
             cfg = VARGPTConfig.from_dict(_merge(model.config.to_dict(), init.config_overrides))
             if cfg.vae != model.config.vae and init.vae:
-                # a VAE of another shape replaces the checkpoint's: load the rest around model.vae's weights
-                return _with_vae(init.checkpoint, cfg, init.vae)
+                # a VAE of another shape replaces the checkpoint's (build_model loads model.vae into it)
+                return _without_vae(init.checkpoint, cfg)
             if cfg != model.config:
                 # rebuild around the weights: an override may add a module (zero-initialised) or change how one
                 # computes (llm.rope_theta lives in the transformers model), which setting the config alone would
@@ -185,20 +185,16 @@ def _new_model(recipe: Recipe) -> nn.Module:
     return VARGPT(cfg)
 
 
-def _with_vae(checkpoint: str, cfg: Any, vae_dir: str) -> nn.Module:
-    """The model of ``checkpoint`` under ``cfg`` with the VAE weights of ``vae_dir`` (a `vargpt train vae` output)
-    in place of the checkpoint's own (e.g. a VAE with a wider decoder than the one the checkpoint was saved with)."""
+def _without_vae(checkpoint: str, cfg: Any) -> nn.Module:
+    """The model of ``checkpoint`` under ``cfg`` whose VAE differs in shape from the checkpoint's own: everything
+    but the VAE loads from the checkpoint; the VAE is a fresh placeholder, for `load_vae_weights` to replace."""
+    from vargpt.models.vae import BSQVAE
     from vargpt.models.vargpt import VARGPT
-    from vargpt.training.vae import load_vae
     from vargpt.weights import load_checkpoint, load_checkpoint_into
 
     ckpt = load_checkpoint(checkpoint, config=cfg)
-    try:
-        vae, _ = load_vae(vae_dir)
-    except (CheckpointError, InputError, TypeError) as e:
-        raise ConfigError(f"recipe field model.vae = {vae_dir!r}: cannot load a VAE from it ({e})") from None
     sd = {k: v for k, v in ckpt.state_dict.items() if not k.startswith("vae_local.")}
-    sd |= {f"vae_local.{k}": v for k, v in vae.state_dict().items()}
+    sd |= {f"vae_local.{k}": v for k, v in BSQVAE(cfg.vae).state_dict().items()}
     model = VARGPT(cfg, device="meta", tokenizer=ckpt.tokenizer)
     load_checkpoint_into(model, dataclasses.replace(ckpt, state_dict=sd), device="cpu")
     return model.eval()
