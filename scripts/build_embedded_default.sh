@@ -25,7 +25,7 @@ if [[ $QUICK == 1 ]]; then
     QUICK_ARGS=(max_steps=3 log_every=1 checkpoint.every=3 data.num_workers=0)
 else
     ROOT=${ROOT:-runs/tiny}
-    N_UND=30000; N_T2I=40000; N_VAE=8000; N_EDIT=20000; TOK_N=2000; VAE_STEPS=15000; VISION_STEPS=1500; PREF_N=768; EVAL_N=64
+    N_UND=30000; N_T2I=40000; N_VAE=8000; N_EDIT=20000; TOK_N=2000; VAE_STEPS=21000; VISION_STEPS=1500; PREF_N=768; EVAL_N=64
     EVAL_SEEDS=0,1,2
     QUICK_ARGS=()
 fi
@@ -75,8 +75,8 @@ run_stage tokenizer "$ROOT/tokenizer/tokenizer.json" "$PYTHON" -m vargpt.trainin
 # ---- the VAE (background, one core); vision pretraining, then understanding SFT (this process, the other core)
 vae() {
     "$PYTHON" -m vargpt train vae --data "$DATA/vae" --out "$ROOT/vae" --vae arch=patch --vae patch_size=8 \
-        --vae base_ch=64 --vae codebook_dim=64 --vae num_res_blocks=2 --entropy-weight 0.02 --foreground-weight 4 \
-        --edge-weight 8 --lr 1e-3 --batch-size 16 --steps "$VAE_STEPS" --ckpt-every 1000 --device "$DEVICE" --resume
+        --vae base_ch=64 --vae codebook_dim=64 --vae num_res_blocks=2 --vae patch_mlp_ch=1024 --entropy-weight 0.02 \
+        --foreground-weight 4 --edge-weight 16 --lr 1e-3 --batch-size 16 --steps "$VAE_STEPS" --ckpt-every 1000 --device "$DEVICE" --resume
 }
 VAE_PID=
 if [[ ! -e $ROOT/vae/model/config.json ]]; then
