@@ -281,6 +281,22 @@ def test_edge_weights_mark_the_boundary_ring_of_an_object():
         VAETrainConfig(data="x", out="y", edge_weight=-1).validate()
 
 
+def test_detail_weights_mark_thin_parts_and_narrow_gaps_only():
+    x = torch.full((1, 3, 16, 16), 0.8)
+    x[0, :, 2:7, 2:7] = -1.0  # two solid 5x5 squares with a 1-px gap between them (a notch)
+    x[0, :, 2:7, 8:13] = -1.0
+    x[0, :, 11, 2:14] = -1.0  # a 1-px line (a thin arm)
+    w = foreground_weights(x, 0.0, detail_weight=2.0, detail_kernel=3)
+    detail = torch.zeros(16, 16, dtype=torch.bool)
+    detail[2:7, 7] = True  # the gap, filled by the closing
+    detail[11, 2:14] = True  # the line, removed by the opening
+    assert w[0, 0][detail].eq(3.0).all() and w[0, 0][~detail].eq(1.0).all()  # solid squares: no extra weight
+    with pytest.raises(InputError, match="detail_kernel"):
+        VAETrainConfig(data="x", out="y", detail_kernel=4).validate()
+    with pytest.raises(InputError, match="detail_weight"):
+        VAETrainConfig(data="x", out="y", detail_weight=-1).validate()
+
+
 def test_cli_trains_a_patch_vae_with_foreground_weight(tmp_path, capsys):
     data = _write_images(tmp_path / "imgs")
     out = tmp_path / "run"

@@ -216,6 +216,10 @@ def train_vae_cmd(
                                                      "the background colour (sharper small shapes; 0 = off).")] = 0.0,
     edge_weight: Annotated[float, typer.Option("--edge-weight", help="Extra loss weight on pixels at colour "
                                                "boundaries (crisper corners of small shapes; 0 = off).")] = 0.0,
+    detail_weight: Annotated[float, typer.Option("--detail-weight", help="Extra loss weight on fine structure: "
+                                                 "parts and gaps thinner than --detail-kernel (0 = off).")] = 0.0,
+    detail_kernel: Annotated[int, typer.Option("--detail-kernel", help="Window (odd, pixels) of --detail-weight.")
+                             ] = 5,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="Autocast dtype: auto (bf16 on CUDA), fp32, bf16.")] = "auto",
     ckpt_every: Annotated[int, typer.Option("--ckpt-every", min=1)] = 500,
@@ -257,7 +261,8 @@ def train_vae_cmd(
                                    lr=lr, size=sizes[0], extra_sizes=tuple(sizes[1:]), recon_loss=recon,
                                    adversarial_weight=adversarial_weight, entropy_weight=entropy_weight,
                                    prefix_weight=prefix_weight, foreground_weight=foreground_weight,
-                                   edge_weight=edge_weight,
+                                   edge_weight=edge_weight, detail_weight=detail_weight,
+                                   detail_kernel=detail_kernel,
                                    device=device, dtype=dtype, ckpt_every=ckpt_every, keep_last=keep_last,
                                    seed=seed, resume=resume, init=str(init) if init else None,
                                    max_minutes=max_minutes, crop=crop, vae_overrides=overrides or None,

@@ -70,6 +70,8 @@ class VAETrainConfig:
     adversarial_start: int = 0  # step at which the adversarial term switches on
     foreground_weight: float = 0.0  # extra loss weight on pixels off the background colour (`foreground_weights`)
     edge_weight: float = 0.0  # extra loss weight on pixels at colour boundaries (`foreground_weights`)
+    detail_weight: float = 0.0  # extra loss weight on fine structure: thin parts and notches (`foreground_weights`)
+    detail_kernel: int = 5  # the opening / closing window that defines "fine" (pixels, odd)
     prefix_weight: float = 0.5  # also reconstruct from the first k < K scales (k random per step): coarse scales
     grad_clip: float = 1.0
     seed: int = 0
@@ -104,7 +106,9 @@ class VAETrainConfig:
             raise InputError(f"lr must be > 0, got {self.lr}")
         if self.decoder_only and not self.init:
             raise InputError("decoder_only trains the decoder of an existing VAE: give init (--init RUN)")
-        for name in ("foreground_weight", "edge_weight"):
+        if self.detail_kernel < 3 or self.detail_kernel % 2 == 0:
+            raise InputError(f"detail_kernel must be an odd number >= 3, got {self.detail_kernel}")
+        for name in ("foreground_weight", "edge_weight", "detail_weight"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -274,15 +278,31 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
-def foreground_weights(x: Tensor, weight: float, edge_weight: float = 0.0) -> Tensor:
+def foreground_weights(x: Tensor, weight: float, edge_weight: float = 0.0, detail_weight: float = 0.0,
+                       detail_kernel: int = 5) -> Tensor:
     """Per-pixel loss weights [B, 1, H, W]: 1 on the background, ``1 + weight`` elsewhere, the background being
     the per-image, per-channel median colour (ShapesWorld: a flat background over most of the image). Small
     objects hold a few percent of the pixels; without it their edges barely move the mean loss and come out blurred.
     ``edge_weight`` adds to every pixel on a colour boundary (its 3x3 neighbourhood spans > 0.1 in some channel):
     a shape is told by its corners and edges, and a small object is mostly edge, so this weighs small objects most.
+    ``detail_weight`` adds to every pixel where the foreground mask's closing and opening by a ``detail_kernel``
+    square differ: parts thinner than the window (a small cross's arms, a triangle's tip, a whole small object) and
+    gaps narrower than it (the notches between a cross's arms), the structure that tells a small cross from a
+    diamond.
     """
     bg = x.flatten(2).median(dim=2).values[:, :, None, None]
-    w = 1.0 + weight * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.05).float()
+    fg = ((x - bg).abs().amax(dim=1, keepdim=True) > 0.05).float()
+    w = 1.0 + weight * fg
+    if detail_weight:
+        k = detail_kernel
+
+        def dilate(m: Tensor) -> Tensor:
+            return F.max_pool2d(m, k, 1, k // 2)
+
+        def erode(m: Tensor) -> Tensor:  # outside the image counts as foreground, so borders do not erode
+            return -F.max_pool2d(-m, k, 1, k // 2)
+
+        w = w + detail_weight * (erode(dilate(fg)) - dilate(erode(fg)))
     if edge_weight:
         spread = F.max_pool2d(x, 3, 1, 1) + F.max_pool2d(-x, 3, 1, 1)  # local max - local min, per channel
         w = w + edge_weight * (spread.amax(dim=1, keepdim=True) > 0.1).float()
@@ -445,8 +465,9 @@ def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
         with autocast:
             recon, q = vae(x, schedules[size], prefix=k_prefix)
             recon_prefix = vae.decoder(q.prefix_BDHW) if k_prefix else None
-        weighted = cfg.foreground_weight > 0 or cfg.edge_weight > 0
-        w = foreground_weights(x, cfg.foreground_weight, cfg.edge_weight) if weighted else None
+        weighted = cfg.foreground_weight > 0 or cfg.edge_weight > 0 or cfg.detail_weight > 0
+        w = foreground_weights(x, cfg.foreground_weight, cfg.edge_weight, cfg.detail_weight,
+                               cfg.detail_kernel) if weighted else None
         rec, l1, mse = recon_loss(recon, x, cfg.recon_loss, w)
         commit, entropy = bsq_losses(q.z)
         loss = rec + cfg.commitment_weight * commit + cfg.entropy_weight * entropy
