@@ -79,6 +79,12 @@ def test_no_contrast_gives_no_pair_unless_the_render_is_chosen(tmp_path):
     with pytest.raises(InputError, match="every sample passed"):
         build_preferences(ScriptedModel("train", 0, 64, passes=lambda j: True),
                           PreferenceConfig(out=str(tmp_path / "b"), n=3, samples=2), progress=False)
+    assert not (tmp_path / "a" / "records.jsonl").exists()  # no file that a resumed build would take for a set
+    empty = build_preferences(ScriptedModel("train", 0, 64, passes=lambda j: True),
+                              PreferenceConfig(out=str(tmp_path / "e"), n=3, samples=2, allow_empty=True),
+                              progress=False)
+    assert empty["pairs"] == 0 and empty["prompts_all_pass"] == 3 and empty["sample_pass_rate"] == 1.0
+    assert (tmp_path / "e" / "records.jsonl").read_text() == ""
     summary = build_preferences(ScriptedModel("train", 0, 64, passes=lambda j: False),
                                 PreferenceConfig(out=str(tmp_path / "c"), n=3, samples=2, render_chosen=True),
                                 progress=False)

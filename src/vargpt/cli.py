@@ -109,6 +109,8 @@ def data_preferences(
     categories: Annotated[str | None, typer.Option("--categories", help="Comma-separated prompt categories to "
                                                    "keep, e.g. position,counting (default: all).")] = None,
     tau: Annotated[float | None, typer.Option("--tau", help="Sampling temperature (default: the model's).")] = None,
+    allow_empty: Annotated[bool, typer.Option("--allow-empty", help="No pair at all (e.g. every sample passed): "
+                                              "write an empty records.jsonl and the summary, exit 0.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """On-policy DPO pairs: the model's passing vs failing samples on ShapesWorld prompts, judged by the checker."""
@@ -117,7 +119,7 @@ def data_preferences(
     pipe = _pipeline(model, device, "auto")
     summary = build_preferences(pipe.engine, PreferenceConfig(
         out=str(out), n=n, samples=samples, size=size, split=split, seed=seed, batch=batch,
-        render_chosen=render_chosen,
+        render_chosen=render_chosen, allow_empty=allow_empty,
         categories=tuple(c.strip() for c in categories.split(",") if c.strip()) if categories is not None else None),
         sampling=pipe.sampling_config(cfg, tau=tau))
     typer.echo(json.dumps({k: v for k, v in summary.items() if k not in ("config", "sampling")}))

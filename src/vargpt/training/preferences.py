@@ -59,6 +59,8 @@ class PreferenceConfig:
     batch: int = 32  # images per generation call
     render_chosen: bool = False  # no passing sample: pair the faithful render with the worst sample
     categories: tuple[str, ...] | None = None  # prompt categories to keep (None: all, in their natural mix)
+    allow_empty: bool = False  # no pair at all: write an empty set and its summary instead of raising (a model that
+    # passes every sample of the training prompts leaves DPO nothing to prefer; a build can then skip DPO)
 
     def validate(self) -> None:
         if self.n < 1 or self.samples < 2 or self.batch < 1:
@@ -130,9 +132,8 @@ def build_preferences(engine: Any, cfg: PreferenceConfig, *, sampling: SamplingC
                          "sample_scores": [s for s, _ in judged]}}) + "\n")
         bar.update(len(idx))
     bar.close()
-    atomic_write_bytes(out / "records.jsonl", "".join(lines).encode())
     pairs = len(lines)
-    if pairs == 0:
+    if pairs == 0 and not cfg.allow_empty:  # no records.jsonl: a resumed build must not take it for a finished set
         raise InputError(f"preferences: none of {cfg.n} prompts gave a pair (every sample "
                          f"{'passed' if counts['all_pass'] else 'was equally wrong'}); draw more --samples per prompt"
                          + ("" if cfg.render_chosen else " or pass --render-chosen"))
@@ -141,4 +142,5 @@ def build_preferences(engine: Any, cfg: PreferenceConfig, *, sampling: SamplingC
                "pairs_sample_chosen": counts["pairs_sample"], "pairs_render_chosen": counts["pairs_render"],
                "prompts_all_pass": counts["all_pass"], "prompts_none_pass": counts["none_pass"]}
     atomic_write_json(out / "summary.json", summary)
+    atomic_write_bytes(out / "records.jsonl", "".join(lines).encode())  # last: a build's mark of a finished set
     return summary
