@@ -3,8 +3,9 @@
 For the runs of `scripts/build_embedded_default.sh` under ROOT:
 * loss: mean of the first and of the last ``--window`` logged losses of every stage (does each stage's loss fall?);
   DPO also reports its reward accuracy and margin at the start and at the end;
-* DPO: GenEval-style text-to-image score before (the model DPO started from, its recipe's model.checkpoint) and
-  after (dpo), one score per sampling seed, with mean and spread; also the edit score, which DPO must not lose;
+* DPO: edit success (its preference pairs are the editing model's own edits) and GenEval-style text-to-image score
+  before (the model DPO started from, its recipe's model.checkpoint) and after (dpo), one score per sampling seed,
+  with mean and spread;
 * editing SFT: edit success and text-to-image score before (the model it started from) and after (edit), per seed;
 * understanding: VQA accuracy of the final model (the last stage of the chain).
 All at ``--size`` (default 64, the resolution every stage trains at), on the test split.

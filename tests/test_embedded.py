@@ -1,9 +1,11 @@
 """The embedded default's build pieces: model.vae (VAE weights from `vargpt train vae`) and the tiny tokenizer."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from vargpt.config import VAEConfig, tiny_config
 from vargpt.data.scene import COLOURS, SHAPES, SIZES
@@ -109,3 +111,24 @@ def test_vision_pretraining_trains_the_tower_and_writes_a_loadable_model(tmp_pat
     assert all(torch.equal(trained[k], init[k]) for k in trained if k.startswith("model.layers.0."))  # LLM untouched
     rows = (tmp_path / "vis" / "log.csv").read_text().splitlines()
     assert rows[0].split(",")[:3] == ["step", "loss", "elapsed_s"] and len(rows) == 4
+
+
+def test_vision_pretraining_does_not_depend_on_the_rest_of_the_model(tmp_path):
+    """The tower's training follows the seed and the vision config alone: a recipe with another VAE (whose weights
+    the model draws before the heads'; a wider VAE once changed every later stage of the tiny chain) trains the
+    same tower."""
+    from vargpt.training.vision import VisionPretrainConfig, pretrain_vision
+
+    towers = []
+    for mlp in (0, 1024):
+        recipe = tmp_path / f"und{mlp}.yaml"
+        vae = {"arch": "patch", "patch_size": 8, "base_ch": 64, "codebook_dim": 64, "patch_mlp_ch": mlp}
+        recipe.write_text(json.dumps({  # JSON is YAML
+            "name": "und", "stage": "sft_understanding", "trainable": ["visual", "model", "lm_head"],
+            "model": {"preset": "tiny", "config_overrides": {"vision": {"patch_size": 4}, "vae": vae}},
+            "data": {"sources": [{"path": "unused", "format": "shapesworld"}], "image_size": 64}}))
+        out = pretrain_vision(VisionPretrainConfig(recipe=str(recipe), out=str(tmp_path / f"vis{mlp}"), steps=2,
+                                                   batch_size=2, eval_every=1, progress=False))
+        towers.append({k: v for k, v in load_file(out / "model.safetensors").items() if k.startswith("visual.")})
+    assert towers[0].keys() == towers[1].keys() and len(towers[0]) > 0
+    assert all(torch.equal(towers[0][k], towers[1][k]) for k in towers[0])

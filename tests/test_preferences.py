@@ -13,7 +13,7 @@ from vargpt.config import SamplingConfig
 from vargpt.data.records import RecordDataset, read_records
 from vargpt.data.shapesworld import make_record
 from vargpt.errors import InputError
-from vargpt.eval.checker import parse_scene, score_prompt
+from vargpt.eval.checker import parse_scene, score_edit, score_prompt
 from vargpt.training.preferences import PreferenceConfig, build_preferences
 
 
@@ -21,24 +21,31 @@ class ScriptedModel:
     """Draws the faithful render of each prompt's scene where ``passes(j)`` (j = sample index within the prompt),
     an empty background otherwise: a generator whose checker verdicts the test knows in advance."""
 
-    def __init__(self, split: str, seed: int, size: int, passes, categories=None) -> None:
-        self.split, self.seed, self.size, self.passes = split, seed, size, passes
+    def __init__(self, split: str, seed: int, size: int, passes, categories=None, task="t2i") -> None:
+        self.split, self.seed, self.size, self.passes, self.task = split, seed, size, passes, task
         self.config = SimpleNamespace(sampling=SamplingConfig())
         self.prompt_index = 0
         self.categories = categories
 
-    def generate_images(self, prompts, *, n, size, sampling, seed):
+    def generate_images(self, prompts, *, n, size, sampling, seed, **extra):
         assert len(seed) == len(prompts) * n and size == self.size
+        sources = extra.pop("source_images", None)
+        assert not extra and (sources is not None) == (self.task == "edit")
         out = []
-        for p in prompts:
+        for k, p in enumerate(prompts):
             while True:  # the next record of the asked categories
-                rec, imgs = make_record(self.prompt_index, split=self.split, seed=self.seed, size=size, tasks=("t2i",))
+                rec, imgs = make_record(self.prompt_index, split=self.split, seed=self.seed, size=size,
+                                        tasks=(self.task,))
                 self.prompt_index += 1
                 if self.categories is None or rec["meta"]["category"] in self.categories:
                     break
             assert rec["messages"][0]["content"] == p
-            good = np.asarray(imgs[rec["images"][0]], dtype=np.float32)
-            blank = np.full_like(good, 255.0)
+            good = np.asarray(imgs[rec["images"][-1]], dtype=np.float32)  # the render (an edit's target)
+            if sources is not None:  # editing: a failing sample leaves the source as it was
+                assert sources[k].tobytes() == imgs[rec["images"][0]].tobytes()
+                blank = np.asarray(sources[k], dtype=np.float32)
+            else:
+                blank = np.full_like(good, 255.0)
             out += [good if self.passes(j) else blank for j in range(n)]
         x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
         return SimpleNamespace(images=x / 127.5 - 1)
@@ -72,6 +79,45 @@ def test_categories_keep_only_their_prompts(tmp_path):
         PreferenceConfig(out=str(tmp_path), categories=("position", "bogus")).validate()
 
 
+def test_edit_pairs_keep_the_source_as_a_prompt_image(tmp_path, tiny_model_dir):
+    """--task edit: pairs of an edited and an unchanged picture, the source in the user turn; the DPO dataset gives
+    both answers that source (the decoder's source term with source_condition)."""
+    model = ScriptedModel("train", 0, 64, passes=lambda j: j == 1, task="edit")
+    summary = build_preferences(model, PreferenceConfig(out=str(tmp_path), n=4, samples=3, batch=6, task="edit"),
+                                progress=False)
+    # a record whose unchanged source already passes (a swap of two identical objects) has no contrast
+    unchanged_pass = 0
+    for i in range(4):
+        rec, imgs = make_record(i, split="train", seed=0, size=64, tasks=("edit",))
+        src = imgs[rec["images"][0]]
+        unchanged_pass += score_edit(src, rec["messages"][0]["content"].replace("<image>", "").strip(), src).score
+    assert summary["pairs"] == summary["pairs_sample_chosen"] == 4 - unchanged_pass >= 3
+    assert summary["sample_pass_rate"] == pytest.approx((4 + 2 * unchanged_pass) / 12)
+    recs = read_records(tmp_path)
+    for r in recs:
+        source, chosen, rejected = (Image.open(p).convert("RGB") for p in r.images)
+        instruction = r.messages[0]["content"]
+        assert instruction.startswith("<image>")
+        assert score_edit(source, instruction.replace("<image>", "").strip(), chosen).score == 1.0
+        assert rejected.tobytes() == source.tobytes()
+    raw = json.loads((tmp_path / "records.jsonl").read_text().splitlines()[0])
+    assert raw["meta"]["chosen_score"] == [1.0, 2.0] and raw["meta"]["rejected_score"][0] == 0.0
+    from vargpt.models.vargpt import VARGPT
+
+    vm = VARGPT.from_pretrained(tiny_model_dir)
+    ds = RecordDataset(recs, vm.require_processor(), image_size=64, stride=vm.config.vae.stride, gen_transform="resize",
+                       pad_multiple=vm.config.decoder.pad_to_multiplier, seed=0, pairs=True, source_condition=True)
+    item = ds[0]
+    src = item["chosen"]["gen_source_pixel_values"]
+    assert src.shape == (1, 3, 64, 64) and torch.equal(src, item["rejected"]["gen_source_pixel_values"])
+    assert not torch.equal(item["chosen"]["gen_pixel_values"], item["rejected"]["gen_pixel_values"])
+    assert torch.allclose(item["rejected"]["gen_pixel_values"], src)  # the rejected sample is the source
+    with pytest.raises(InputError, match="unknown or no edit kinds.*bogus"):
+        PreferenceConfig(out=str(tmp_path), task="edit", categories=("move", "bogus")).validate()
+    with pytest.raises(InputError, match="unknown task 'vqa'"):
+        PreferenceConfig(out=str(tmp_path), task="vqa").validate()
+
+
 def test_no_contrast_gives_no_pair_unless_the_render_is_chosen(tmp_path):
     with pytest.raises(InputError, match="none of 3 prompts gave a pair.*equally wrong.*--render-chosen"):
         build_preferences(ScriptedModel("train", 0, 64, passes=lambda j: False),
@@ -97,7 +143,7 @@ def test_partial_credit_breaks_ties_between_failing_samples(tmp_path, monkeypatc
     import vargpt.training.preferences as prefs
 
     verdicts = iter([(0.0, 0.5), (0.0, 0.0), (0.0, 0.0), (0.0, 0.0)])  # prompt 0: a contrast; prompt 1: a tie
-    monkeypatch.setattr(prefs, "_judge", lambda img, prompt: next(verdicts))
+    monkeypatch.setattr(prefs, "_judge", lambda img, prompt, source=None: next(verdicts))
     summary = build_preferences(ScriptedModel("train", 0, 64, passes=lambda j: False),
                                 PreferenceConfig(out=str(tmp_path), n=2, samples=2), progress=False)
     assert summary["pairs"] == 1 and summary["prompts_none_pass"] == 1

@@ -97,7 +97,9 @@ def data_shapesworld(
 def data_preferences(
     out: Annotated[Path, typer.Option("--out", help="Output directory (records.jsonl, images, summary.json).")],
     model: Annotated[Path | None, typer.Option("--model", help="Model to sample (default: the embedded one).")] = None,
-    n: Annotated[int, typer.Option("--n", min=1, help="Text-to-image prompts.")] = 1024,
+    n: Annotated[int, typer.Option("--n", min=1, help="Prompts (editing records with --task edit).")] = 1024,
+    task: Annotated[str, typer.Option("--task", help="t2i (text-to-image prompts) or edit (source picture + "
+                                      "instruction; the chosen render is the edit's target).")] = "t2i",
     samples: Annotated[int, typer.Option("--samples", min=2, help="Images drawn per prompt.")] = 4,
     size: Annotated[int, typer.Option("--size", help="Image size in pixels.")] = 64,
     split: Annotated[str, typer.Option("--split", help="ShapesWorld split of the prompts.")] = "train",
@@ -106,19 +108,21 @@ def data_preferences(
     batch: Annotated[int, typer.Option("--batch", min=1, help="Images per generation call.")] = 32,
     render_chosen: Annotated[bool, typer.Option("--render-chosen", help="Where no sample passes, use the "
                                                 "faithful render as the chosen image.")] = False,
-    categories: Annotated[str | None, typer.Option("--categories", help="Comma-separated prompt categories to "
-                                                   "keep, e.g. position,counting (default: all).")] = None,
+    categories: Annotated[str | None, typer.Option("--categories", help="Comma-separated prompt categories (edit "
+                                                   "kinds with --task edit) to keep, e.g. position,counting "
+                                                   "(default: all).")] = None,
     tau: Annotated[float | None, typer.Option("--tau", help="Sampling temperature (default: the model's).")] = None,
     allow_empty: Annotated[bool, typer.Option("--allow-empty", help="No pair at all (e.g. every sample passed): "
                                               "write an empty records.jsonl and the summary, exit 0.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
 ) -> None:
-    """On-policy DPO pairs: the model's passing vs failing samples on ShapesWorld prompts, judged by the checker."""
+    """On-policy DPO pairs: the model's passing vs failing samples on ShapesWorld prompts or edits, judged by the
+    checker."""
     from vargpt.training.preferences import PreferenceConfig, build_preferences
 
     pipe = _pipeline(model, device, "auto")
     summary = build_preferences(pipe.engine, PreferenceConfig(
-        out=str(out), n=n, samples=samples, size=size, split=split, seed=seed, batch=batch,
+        out=str(out), n=n, task=task, samples=samples, size=size, split=split, seed=seed, batch=batch,
         render_chosen=render_chosen, allow_empty=allow_empty,
         categories=tuple(c.strip() for c in categories.split(",") if c.strip()) if categories is not None else None),
         sampling=pipe.sampling_config(cfg, tau=tau))

@@ -166,12 +166,17 @@ def evaluate_t2i(engine: Any, cases: Sequence[T2ICase], *, seeds: Sequence[int] 
             "vae_ceiling": _model_ceiling(engine, cases, size, batch)}
 
 
-def _edit_metrics(c: EditCase, img: Image.Image) -> dict[str, float]:
+def edit_metrics(source: Image.Image, instruction: str, img: Image.Image) -> dict[str, float]:
+    """The checker's verdict on one edited picture: score (satisfied and preserved), satisfied, preserved."""
     try:
-        v = score_edit(c.source, c.instruction, img)
+        v = score_edit(source, instruction, img)
     except VargptError:  # the checker cannot read the edited picture at all
         return {"score": 0.0, "satisfied": 0.0, "preserved": 0.0}
     return {"score": v.score, "satisfied": float(v.satisfied), "preserved": float(v.preserved)}
+
+
+def _edit_metrics(c: EditCase, img: Image.Image) -> dict[str, float]:
+    return edit_metrics(c.source, c.instruction, img)
 
 
 @torch.no_grad()

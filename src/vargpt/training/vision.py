@@ -110,7 +110,9 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> Path:
     vision = model.config.vision
     grid = size // (vision.patch_size * vision.spatial_merge_size)
     image_processor = make_image_processor(vision)
-    heads = _Heads(vision.hidden_size, grid if cfg.place_heads else 0)
+    with torch.random.fork_rng(devices=[]):  # the heads' initial weights follow the seed alone, not what the model
+        torch.manual_seed(cfg.seed + 1)      # drew before them (e.g. a wider VAE in the recipe)
+        heads = _Heads(vision.hidden_size, grid if cfg.place_heads else 0)
     opt = torch.optim.AdamW([*model.visual.parameters(), *heads.parameters()], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     allowed = _allowed(True)
