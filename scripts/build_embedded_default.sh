@@ -4,10 +4,10 @@
 #   -> in parallel: the patch VAE (`vargpt train vae`, one core) | vision-tower pretraining on dense scene labels
 #      (`python -m vargpt.training.embedded vision`) then understanding SFT (recipes/tiny/understanding.yaml)
 #   -> text-to-image SFT (recipes/tiny/gen.yaml) -> editing SFT (recipes/tiny/edit.yaml), each on two processes
-#   -> on-policy preferences + DPO (recipes/tiny/dpo.yaml) -> `vargpt eval` on held-out records
+#   -> on-policy edit preferences + DPO (recipes/tiny/dpo.yaml) -> `vargpt eval` on held-out records
 #   -> (INSTALL=1) into the package.
 #
-#   scripts/build_embedded_default.sh            # full build under runs/tiny (ROOT), about 2.5 h on 2 CPU cores
+#   scripts/build_embedded_default.sh            # full build under runs/tiny (ROOT), about 1.8 h on 2 CPU cores
 #   QUICK=1 scripts/build_embedded_default.sh    # smoke run: a few steps per stage on tiny data, under runs/tiny_quick
 #   INSTALL=1 scripts/build_embedded_default.sh  # also copy the final model into src/vargpt/assets/tiny (not QUICK)
 #
@@ -21,11 +21,11 @@ QUICK=${QUICK:-0}
 INSTALL=${INSTALL:-0}
 if [[ $QUICK == 1 ]]; then
     ROOT=${ROOT:-runs/tiny_quick}
-    N_UND=60; N_T2I=40; N_VAE=24; N_EDIT=40; TOK_N=200; VAE_STEPS=4; VISION_STEPS=2; PREF_N=8; EVAL_N=2; EVAL_SEEDS=0
+    N_UND=60; N_T2I=40; N_POS=16; N_VAE=24; N_EDIT=40; TOK_N=200; VAE_STEPS=4; VISION_STEPS=2; PREF_N=8; EVAL_N=2; EVAL_SEEDS=0
     QUICK_ARGS=(max_steps=3 log_every=1 checkpoint.every=3 data.num_workers=0)
 else
     ROOT=${ROOT:-runs/tiny}
-    N_UND=30000; N_T2I=40000; N_VAE=8000; N_EDIT=20000; TOK_N=2000; VAE_STEPS=15000; VISION_STEPS=1500; PREF_N=768; EVAL_N=64
+    N_UND=30000; N_T2I=40000; N_POS=10000; N_VAE=8000; N_EDIT=20000; TOK_N=2000; VAE_STEPS=21000; VISION_STEPS=3000; PREF_N=768; EVAL_N=64
     EVAL_SEEDS=0,1,2
     QUICK_ARGS=()
 fi
@@ -66,6 +66,8 @@ run_stage data_und "$DATA/und64/records.jsonl" shapesworld --out "$DATA/und64" -
     --vqa-turns 6
 run_stage data_t2i "$DATA/t2i64/records.jsonl" shapesworld --out "$DATA/t2i64" --n "$N_T2I" --tasks t2i \
     --t2i-layout canonical --position-colours 0.5
+run_stage data_pos "$DATA/pos64/records.jsonl" shapesworld --out "$DATA/pos64" --n "$N_POS" --tasks t2i \
+    --t2i-layout canonical --position-colours 0.5 --categories position --seed 1
 run_stage data_vae "$DATA/vae/records.jsonl" shapesworld --out "$DATA/vae" --n "$N_VAE" --tasks t2i,edit,caption \
     --t2i-layout canonical
 run_stage data_edit "$DATA/edit64/records.jsonl" shapesworld --out "$DATA/edit64" --n "$N_EDIT" --tasks edit
@@ -75,8 +77,8 @@ run_stage tokenizer "$ROOT/tokenizer/tokenizer.json" "$PYTHON" -m vargpt.trainin
 # ---- the VAE (background, one core); vision pretraining, then understanding SFT (this process, the other core)
 vae() {
     "$PYTHON" -m vargpt train vae --data "$DATA/vae" --out "$ROOT/vae" --vae arch=patch --vae patch_size=8 \
-        --vae base_ch=64 --vae codebook_dim=64 --vae num_res_blocks=2 --entropy-weight 0.02 --foreground-weight 4 \
-        --edge-weight 8 --lr 1e-3 --batch-size 16 --steps "$VAE_STEPS" --ckpt-every 1000 --device "$DEVICE" --resume
+        --vae base_ch=64 --vae codebook_dim=64 --vae num_res_blocks=2 --vae patch_mlp_ch=1024 --entropy-weight 0.02 \
+        --foreground-weight 4 --edge-weight 16 --lr 1e-3 --batch-size 16 --steps "$VAE_STEPS" --ckpt-every 1000 --device "$DEVICE" --resume
 }
 VAE_PID=
 if [[ ! -e $ROOT/vae/model/config.json ]]; then
@@ -96,21 +98,24 @@ fi
 # ---- text-to-image SFT, then editing SFT from it (edits from a DPO model lost position: docs/training.md); each on
 #      two processes (batch 8 each)
 NPROC=2 run_stage gen "$(model_done "$ROOT/gen")" train gen "$ROOT/gen" "model.checkpoint=$ROOT/understanding/model" \
-    "model.vae=$ROOT/vae" "data.sources.0.path=$DATA/t2i64" "data.sources.1.path=$DATA/und64"
+    "model.vae=$ROOT/vae" "data.sources.0.path=$DATA/t2i64" "data.sources.1.path=$DATA/und64" \
+    "data.sources.2.path=$DATA/pos64"
 NPROC=2 run_stage edit "$(model_done "$ROOT/edit")" train edit "$ROOT/edit" "model.checkpoint=$ROOT/gen/model" \
     "data.sources.0.path=$DATA/edit64" "data.sources.1.path=$DATA/t2i64" "data.sources.2.path=$DATA/und64"
 
-# ---- DPO on the editing model's own samples, judged by the checker: 8 samples at temperature 1 of the prompt
-#      categories where it fails most (at its own tau nearly every sample passes and there is nothing to prefer);
-#      where every sample passes (a build in session 14: 768 x 8, and 1,536 x 8 over all categories) DPO is skipped
+# ---- DPO on the editing model's own edits, judged by the edit checker: 8 samples per training edit at the model's
+#      sampling settings, the best (chosen) against the worst (rejected) where they differ. Its text-to-image
+#      samples give no pair: a generator trained on canonical layouts passes all of them (session 14: 768 x 8 at
+#      temperature 1, 1,536 x 8 over every category); its edits still fail most of the time. No pair at all: DPO is
+#      skipped and the editing model is the final one
 run_stage preferences "$ROOT/prefs/records.jsonl" "$PYTHON" -m vargpt data preferences --model "$ROOT/edit/model" \
-    --out "$ROOT/prefs" --n "$PREF_N" --samples 8 --tau 1.0 --categories position,counting,color_attr --size 64 \
-    --device "$DEVICE" --allow-empty $([[ $QUICK == 1 ]] && echo --render-chosen)
+    --out "$ROOT/prefs" --task edit --n "$PREF_N" --samples 8 --size 64 --device "$DEVICE" --allow-empty \
+    $([[ $QUICK == 1 ]] && echo --render-chosen)
 if [[ -s $ROOT/prefs/records.jsonl ]]; then
     run_stage dpo "$(model_done "$ROOT/dpo")" train dpo "$ROOT/dpo" "model.checkpoint=$ROOT/edit/model" \
         "data.sources.0.path=$ROOT/prefs"
     FINAL=$ROOT/dpo/model
-else  # the editing model passed every sample: nothing to prefer, so DPO would only copy it
+else  # every sample tied (all passed or all failed alike): nothing to prefer, so DPO would only copy the model
     echo "== dpo: skipped, no preference pairs ($ROOT/prefs/summary.json); the final model is the editing model" \
         | tee -a "$ROOT/build.log"
     FINAL=$ROOT/edit/model

@@ -258,6 +258,27 @@ def test_position_colours_name_both_colours_in_train_prompts_only_when_asked():
         make_record(0, split="train", tasks=("t2i",), position_colours=1.5)
 
 
+def test_categories_restrict_text_to_image_prompts_and_default_to_all(tmp_path):
+    from vargpt.data.shapesworld import CATEGORIES, write_dataset
+
+    only = [make_record(i, split="train", tasks=("t2i",), categories=("position",))[0] for i in range(40)]
+    assert {r["meta"]["category"] for r in only} == {"position"}
+    assert all(not r["meta"]["heldout"] for r in only)  # the training split still keeps held-out pairs out
+    two = {make_record(i, split="train", tasks=("t2i",), categories=("counting", "colors"))[0]["meta"]["category"]
+           for i in range(60)}
+    assert two == {"counting", "colors"}
+    for i in range(20):  # the default is every category, as before the option existed
+        assert make_record(i, split="train", tasks=("t2i",), categories=CATEGORIES) == \
+            make_record(i, split="train", tasks=("t2i",))
+    for bad in (("position", "shading"), (), "position"):  # a bare string is not a list of categories
+        with pytest.raises(InputError, match="categor"):
+            make_record(0, split="train", tasks=("t2i",), categories=bad)
+    summary = write_dataset(tmp_path / "pos", n=6, tasks=("t2i",), categories=("position",), progress=False)
+    assert summary["categories"] == ["position"]
+    lines = (tmp_path / "pos" / "records.jsonl").read_text().splitlines()
+    assert [json.loads(line)["meta"]["category"] for line in lines] == ["position"] * 6
+
+
 def test_multi_turn_question_records_keep_the_first_turn_and_ask_distinct_questions():
     for i in range(12):
         one, img1 = make_record(i, split="train", tasks=("vqa",))

@@ -83,13 +83,16 @@ def data_shapesworld(
                                            "multi-turn chat about one picture; the first turn is unchanged).")] = 1,
     position_colours: Annotated[float, typer.Option("--position-colours", min=0.0, max=1.0, help="Share of "
                                                     "text-to-image position prompts that name both colours.")] = 0.0,
+    categories: Annotated[str, typer.Option("--categories", help="Comma-separated prompt categories of the "
+                                            "text-to-image and dpo records (default: all six), e.g. position.")] = "",
 ) -> None:
     """Write a ShapesWorld dataset: DIR/records.jsonl and the images beside it."""
-    from vargpt.data.shapesworld import TASKS, write_dataset
+    from vargpt.data.shapesworld import CATEGORIES, TASKS, write_dataset
 
     chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) or TASKS
+    cats = tuple(c.strip() for c in categories.split(",") if c.strip()) or CATEGORIES
     summary = write_dataset(out, n=n, split=split, size=size, seed=seed, tasks=chosen, t2i_layout=t2i_layout,
-                            vqa_turns=vqa_turns, position_colours=position_colours)
+                            vqa_turns=vqa_turns, position_colours=position_colours, categories=cats)
     typer.echo(json.dumps(summary))
 
 

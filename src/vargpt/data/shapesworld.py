@@ -598,13 +598,15 @@ def record_rng(seed: int, split: str, index: int) -> random.Random:
 
 
 def make_record(index: int, *, split: str, seed: int = 0, size: int = 64, tasks: Sequence[str] = TASKS,
-                t2i_layout: str = "random", vqa_turns: int = 1,
-                position_colours: float = 0.0) -> tuple[dict[str, Any], dict[str, Image.Image]]:
+                t2i_layout: str = "random", vqa_turns: int = 1, position_colours: float = 0.0,
+                categories: Sequence[str] = CATEGORIES) -> tuple[dict[str, Any], dict[str, Image.Image]]:
     """Record `index` of a split and its images ({relative path: image}); pure function of its arguments.
 
     ``t2i_layout="canonical"``: text-to-image targets are `canonical_scene` (the prompt is drawn the same way).
     ``position_colours=p``: text-to-image and preference prompts of the position category name both colours with
     probability p (`sample_prompt`).
+    ``categories``: the prompt categories text-to-image and preference records draw from (default: all, uniformly;
+    e.g. ``("position",)`` for a set of position prompts only).
     ``vqa_turns=k``: a question record is a conversation of k distinct questions about its picture (the first turn
     is the single-turn record's; meta ``qtype`` is the first one's, ``qtypes`` all of them). One picture then trains
     k answers for the price of one image encoding.
@@ -617,6 +619,7 @@ def make_record(index: int, *, split: str, seed: int = 0, size: int = 64, tasks:
         raise InputError(f"unknown t2i layout {t2i_layout!r}; choose one of {', '.join(LAYOUTS)}")
     if not 0.0 <= position_colours <= 1.0:
         raise InputError(f"position_colours is a probability in [0, 1] (got {position_colours})")
+    _check_categories(categories)
     rng = record_rng(seed, split, index)
     train = split == "train"
     task = tasks[index % len(tasks)]
@@ -656,7 +659,7 @@ def make_record(index: int, *, split: str, seed: int = 0, size: int = 64, tasks:
         return _record(rid, task, messages, list(images), scene, meta), images
     if task not in ("t2i", "dpo"):
         raise InputError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    spec = sample_prompt(rng, rng.choice(CATEGORIES), train=train, position_colours=position_colours)
+    spec = sample_prompt(rng, rng.choice(tuple(categories)), train=train, position_colours=position_colours)
     scene = scene_for_prompt(spec, rng, train=train)
     messages = [{"role": "user", "content": prompt_text(spec, rng)}]
     meta = {"category": spec.category, "spec": spec.to_dict(), "heldout": uses_heldout([scene], spec)}
@@ -676,6 +679,15 @@ def make_record(index: int, *, split: str, seed: int = 0, size: int = 64, tasks:
     return rec, images
 
 
+def _check_categories(categories: Sequence[str]) -> None:
+    if isinstance(categories, str):
+        raise InputError(f"categories is a sequence of names, e.g. ({categories!r},), not the string {categories!r}")
+    bad = [c for c in categories if c not in CATEGORIES]
+    if bad or not categories:
+        raise InputError(f"unknown prompt categor(ies) {', '.join(bad) or '(none given)'}; choose from "
+                         f"{', '.join(CATEGORIES)}")
+
+
 def _record(rid: str, task: str, messages: list[dict[str, str]], images: list[str], scene: Scene,
             meta: dict[str, Any]) -> dict[str, Any]:
     return {"id": rid, "task": task, "messages": messages, "images": images, "scene": scene.to_dict(), "meta": meta}
@@ -683,7 +695,8 @@ def _record(rid: str, task: str, messages: list[dict[str, str]], images: list[st
 
 def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 64, seed: int = 0,
                   tasks: Sequence[str] = TASKS, t2i_layout: str = "random", vqa_turns: int = 1,
-                  position_colours: float = 0.0, progress: bool = True) -> dict[str, Any]:
+                  position_colours: float = 0.0, categories: Sequence[str] = CATEGORIES,
+                  progress: bool = True) -> dict[str, Any]:
     """Write `n` records to ``out/records.jsonl`` and their PNGs under ``out/images``; returns a summary."""
     from tqdm import tqdm
 
@@ -694,6 +707,7 @@ def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
         raise InputError(f"unknown task(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(TASKS)}")
+    _check_categories(categories)
     out = Path(out)
     try:
         (out / "images").mkdir(parents=True, exist_ok=True)
@@ -705,7 +719,7 @@ def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 
     with tmp.open("w") as f:
         for i in tqdm(range(n), desc=f"shapesworld {split}", unit="rec", disable=not progress):
             rec, images = make_record(i, split=split, seed=seed, size=size, tasks=tasks, t2i_layout=t2i_layout,
-                                      vqa_turns=vqa_turns, position_colours=position_colours)
+                                      vqa_turns=vqa_turns, position_colours=position_colours, categories=categories)
             for rel, img in images.items():
                 img.save(out / rel, format="PNG", optimize=False)
             f.write(json.dumps(rec, separators=(",", ":")) + "\n")
@@ -713,7 +727,8 @@ def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 
             heldout += bool(rec["meta"]["heldout"])
     os.replace(tmp, out / "records.jsonl")
     return {"out": str(out), "records": n, "split": split, "size": size, "seed": seed, "t2i_layout": t2i_layout,
-            "vqa_turns": vqa_turns, "position_colours": position_colours, "tasks": dict(sorted(counts.items())),
+            "vqa_turns": vqa_turns, "position_colours": position_colours,
+            "categories": list(categories), "tasks": dict(sorted(counts.items())),
             "heldout_records": heldout}
 
 
