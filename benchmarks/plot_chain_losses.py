@@ -21,6 +21,7 @@ PANELS = [
     ("understanding", "metrics.csv", "step", [("loss", "answer loss")], True),
     ("gen", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
     ("edit", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
+    ("edit2", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
     ("dpo", "metrics.csv", "step", [("loss", "DPO loss"), ("rewards_accuracy", "reward accuracy")], False),
 ]
 
@@ -30,8 +31,9 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("runs/tiny"))
     ap.add_argument("--out", type=Path, default=Path("docs/embedded_losses.png"))
     args = ap.parse_args()
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
-    for ax, (run, name, x, ys, log) in zip(axes, PANELS, strict=True):
+    panels = [p for p in PANELS if (args.root / p[0] / p[1]).is_file() or p[0] != "edit2"]  # edit2 is optional
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (run, name, x, ys, log) in zip(axes, panels, strict=True):
         rows = list(csv.DictReader((args.root / run / name).open()))
         for y, label in ys:
             if y in rows[0]:

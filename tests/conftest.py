@@ -8,6 +8,7 @@ any set or folder of sets named in ``VARGPT_FIXTURE_DIRS`` (``os.pathsep``-separ
 """
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,21 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def write_shapesworld(root: Path, tasks: Sequence[str], size: int = 64) -> list:
+    """ShapesWorld train records i = 0, 1, ... of ``tasks[i]`` (records.jsonl + images) under ``root``, read back."""
+    import json
+
+    from vargpt.data.records import read_records
+    from vargpt.data.shapesworld import make_record
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, task in enumerate(tasks):
+        rec, images = make_record(i, split="train", tasks=(task,), size=size)
+        for rel, img in images.items():
+            img.save(root / rel)
+        rows.append(rec)
+    (root / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return read_records(root / "records.jsonl", "shapesworld")

@@ -15,9 +15,9 @@ from unittest import mock
 import pytest
 import torch
 
+from conftest import write_shapesworld
 from vargpt.config import DecoderConfig, SamplingConfig, VARGPTConfig, official_config, tiny_config
 from vargpt.data.records import Collator, RecordDataset, gen_image_tensor, read_records
-from vargpt.data.shapesworld import make_record
 from vargpt.engine import Engine
 from vargpt.engine.loop import sample_image_tokens
 from vargpt.errors import ConfigError, InputError
@@ -49,16 +49,7 @@ def models() -> tuple[VARGPT, VARGPT]:
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     """One ShapesWorld edit record, then one text-to-image record (records.jsonl + images)."""
-    root = tmp_path_factory.mktemp("sw")
-    (root / "images").mkdir()
-    rows = []
-    for i, task in ((0, "edit"), (1, "t2i")):
-        rec, images = make_record(i, split="train", tasks=(task,), size=SIZE)
-        for rel, img in images.items():
-            img.save(root / rel)
-        rows.append(rec)
-    (root / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recs = read_records(root / "records.jsonl", "shapesworld")
+    recs = write_shapesworld(tmp_path_factory.mktemp("sw"), ["edit", "t2i"], SIZE)
     assert [r.task for r in recs] == ["edit", "t2i"]
     return recs
 

@@ -227,6 +227,11 @@ class DecoderConfig:
     source_condition: bool = False
     source_input: str = "bits"
     source_copy: float = 0.0
+    # Editing CFG (models we train; not with compat.published_uncond_branch): the unconditional row of a prompt with
+    # an understanding image keeps the prompt up to that image and drops the text after it (the instruction), as
+    # InstructPix2Pix's image-conditioned branch, so guidance amplifies what the instruction changes rather than
+    # the whole picture; condition dropout of such training rows drops the same text. False: the null prompt.
+    uncond_keeps_image: bool = False
 
     @property
     def head_dim(self) -> int:

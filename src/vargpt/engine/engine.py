@@ -32,7 +32,9 @@ Unconditional CFG branch
   prompt (`vargpt.models.generation.null_prompt_ids`) followed by ``<|image_gen_start|>``: its AdaLN condition
   comes from ``cfg_uncond[:1]``, its cross-attention context is the projected LLM states of the null prompt, and
   its image tokens continue the null prompt's KV cache. Training's condition dropout
-  (`vargpt.training.objective`) shows the model exactly this row.
+  (`vargpt.training.objective`) shows the model exactly this row. With ``decoder.uncond_keeps_image`` an edit's
+  unconditional row is its own prompt cut after the picture (`image_only_prompt_ids`: the instruction goes), each
+  row prefilled with its image, so guidance amplifies the instruction rather than the whole scene.
 
 Differences from the published implementation
 ---------------------------------------------
@@ -66,7 +68,14 @@ from vargpt.engine import llm as fast_llm
 from vargpt.engine.loop import ImageTokens, sample_from_prompt
 from vargpt.errors import InputError
 from vargpt.models import vlm as V
-from vargpt.models.generation import null_prompt_ids, prompt_context, scatter_gen_tokens, source_codes, start_condition
+from vargpt.models.generation import (
+    image_only_prompt_ids,
+    null_prompt_ids,
+    prompt_context,
+    scatter_gen_tokens,
+    source_codes,
+    start_condition,
+)
 from vargpt.models.quantizer import add_scale, next_scale_input
 from vargpt.models.vargpt import VARGPT
 from vargpt.processing import DEFAULT_SYSTEM_PROMPT
@@ -209,11 +218,14 @@ class Engine:
             return fast_llm.LeanLLM(vlm), fast_llm.KVCache
         return functools.partial(V.llm_forward, vlm), functools.partial(V.new_cache, vlm)
 
-    def _uncond_inputs(self, B: int) -> dict[str, Any]:
+    def _uncond_inputs(self, ids: Tensor, mask: Tensor | None, px: Tensor | None,
+                       grid: Tensor | None) -> dict[str, Any]:
         """sample_from_prompt arguments of the unconditional rows (module docstring, "Unconditional CFG branch")."""
-        m = self.model
+        m, B = self.model, ids.shape[0]
         if self.config.compat.published_uncond_branch:
             return {"uncond_mode": "published"}
+        if self.config.decoder.uncond_keeps_image and px is not None:
+            return self._image_uncond_inputs(ids, mask, px, grid)
         null = torch.tensor([null_prompt_ids(m.require_processor()) + [self.config.tokens.image_gen_start]],
                             device=self.device)
         embeds = m.vlm.model.get_input_embeddings()(null)
@@ -221,6 +233,22 @@ class Engine:
         context, _ = prompt_context(hidden, null, self.config.tokens.image_gen_start, m.image_gen_projector_out)
         return {"uncond_mode": "cached", "uncond_inputs_embeds_BSH": embeds,
                 "uncond_context_BNC": context.expand(B, -1, -1)}
+
+    def _image_uncond_inputs(self, ids: Tensor, mask: Tensor | None, px: Tensor,
+                             grid: Tensor | None) -> dict[str, Any]:
+        """Unconditional rows of ``decoder.uncond_keeps_image``: each prompt with an image cut after it
+        (`image_only_prompt_ids`), one without one the null prompt; left-padded, prefilled row by row."""
+        m, proc, t = self.model, self.model.require_processor(), self.config.tokens
+        rows = []
+        for b in range(ids.shape[0]):
+            r = (ids[b][mask[b].bool()] if mask is not None else ids[b]).tolist()[:-1]  # without the start token
+            rows.append((image_only_prompt_ids(r, proc) if t.vision_end in r else null_prompt_ids(proc))
+                        + [t.image_gen_start])
+        S = max(len(r) for r in rows)
+        u_ids = torch.tensor([[t.endoftext] * (S - len(r)) + r for r in rows], device=self.device)
+        u_mask = torch.tensor([[0] * (S - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        return {"uncond_mode": "cached", "uncond_input_ids_BS": u_ids, "uncond_attention_mask_BS": u_mask,
+                "uncond_inputs_embeds_BSH": V.embed_inputs(m.vlm, u_ids, px, grid, m.image_place)}
 
     def _source(self, batch: PromptBatch, schedule: Schedule) -> dict[str, Tensor]:
         """The loop's source arguments for the batch's edit sources (``decoder.source_condition``), resized to the
@@ -259,7 +287,7 @@ class Engine:
                 schedule, sampling, start_id=self.config.tokens.image_gen_start, attention_mask_BS=mask,
                 generator=generator, return_logits=return_logits, callback=callback,
                 stop=self._interrupt.is_set, **self._source(batch, schedule),
-                **self._uncond_inputs(ids.shape[0]))
+                **self._uncond_inputs(ids, mask, px, grid))
         finally:
             self._interrupt.clear()
 

@@ -253,7 +253,8 @@ def sample_from_prompt(decoder: VisualDecoder, projector_in: GenProjector, proje
                        generator: torch.Generator | Sequence[torch.Generator] | None = None,
                        uncond_mode: Literal["published", "cached"] = "published",
                        uncond_inputs_embeds_BSH: Tensor | None = None, uncond_context_BNC: Tensor | None = None,
-                       uncond_context_mask_BN: Tensor | None = None, source_BLD: Tensor | None = None,
+                       uncond_context_mask_BN: Tensor | None = None, uncond_input_ids_BS: Tensor | None = None,
+                       uncond_attention_mask_BS: Tensor | None = None, source_BLD: Tensor | None = None,
                        source_latent: Tensor | None = None, return_logits: bool = False,
                        callback: Callable[[int, Tensor], None] | None = None,
                        stop: Callable[[], bool] | None = None) -> ImageTokens:
@@ -266,7 +267,9 @@ def sample_from_prompt(decoder: VisualDecoder, projector_in: GenProjector, proje
        unless ``uncond_context_BNC`` is given).
     3. `sample_image_tokens` with an `LLMScaleHook`: conditional rows continue the prompt cache (positions
        continue from each prompt's length, as published); unconditional rows per ``uncond_mode``
-       (``"cached"``: a cache of their own, pre-filled with ``uncond_inputs_embeds_BSH`` if given).
+       (``"cached"``: a cache of their own, pre-filled with ``uncond_inputs_embeds_BSH`` if given: one row for
+       all, or with ``uncond_input_ids_BS`` / ``uncond_attention_mask_BS`` one left-padded prompt per row ending
+       with ``<|image_gen_start|>``, whose projected states become the rows' context).
 
     ``source_BLD``: the source codes of each prompt (editing, `DecoderCondition`), for both CFG rows; the decoder
     uses its slice of scale k at that scale (`VisualDecoder.forward_step`).
@@ -287,15 +290,24 @@ def sample_from_prompt(decoder: VisualDecoder, projector_in: GenProjector, proje
     hidden = llm(inputs_embeds_BSH, cache=cache, position_ids=position_ids, attention_mask=mask)
     context, context_mask = prompt_context(hidden, input_ids_BS, start_id, projector_out, mask)
     guided = any(c != 1 for c in per_scale(sampling.cfg_scale, len(schedule), "cfg_scale"))
+    uncond_cache = new_cache() if uncond_mode == "cached" else None  # stays empty when cfg is 1 at every scale
+    uncond_mask = None
+    if guided and uncond_cache is not None and uncond_inputs_embeds_BSH is not None:
+        if uncond_input_ids_BS is None:
+            llm(uncond_inputs_embeds_BSH.expand(B, -1, -1), cache=uncond_cache)
+        else:  # one prompt per row (an edit's picture without its instruction)
+            if uncond_attention_mask_BS is not None and not bool(uncond_attention_mask_BS.all()):
+                uncond_mask = uncond_attention_mask_BS
+            u_pos = (None if uncond_mask is None else
+                     (uncond_mask.long().cumsum(1) - 1).clamp(min=0).unsqueeze(0).expand(3, -1, -1))
+            u_hidden = llm(uncond_inputs_embeds_BSH, cache=uncond_cache, position_ids=u_pos, attention_mask=uncond_mask)
+            uncond_context_BNC, uncond_context_mask_BN = prompt_context(u_hidden, uncond_input_ids_BS, start_id,
+                                                                        projector_out, uncond_mask)
     cond = generation_condition(decoder, sos, context, context_mask, guided=guided,
                                 uncond_context_BNC=uncond_context_BNC, uncond_context_mask_BN=uncond_context_mask_BN,
                                 source_BLD=source_BLD)
-    uncond_cache = new_cache() if uncond_mode == "cached" else None  # stays empty when cfg is 1 at every scale
-    if guided and uncond_cache is not None:
-        if uncond_inputs_embeds_BSH is not None:
-            llm(uncond_inputs_embeds_BSH.expand(B, -1, -1), cache=uncond_cache)
     hook = LLMScaleHook(llm, projector_in, projector_out, cond_cache=cache, cond_attention_mask=mask, batch_size=B,
-                        uncond_mode=uncond_mode, uncond_cache=uncond_cache)
+                        uncond_mode=uncond_mode, uncond_cache=uncond_cache, uncond_attention_mask=uncond_mask)
     return sample_image_tokens(decoder, cond, schedule, sampling, generator=generator, hook=hook,
                                return_logits=return_logits, callback=callback, stop=stop,
                                source_latent=source_latent)

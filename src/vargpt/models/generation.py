@@ -16,6 +16,9 @@ Contract
 * `null_prompt_ids(processor)`: the null prompt of the consistent unconditional branch (chat template, empty user
   message, default system), without the start token: sampling's unconditional rows and training's condition
   dropout both use it.
+* `image_only_prompt_ids(prefix_ids, processor)`: an edit prompt without its instruction (the prompt up to its
+  last understanding image, then the end of the user turn): the unconditional rows of an edit with
+  ``decoder.uncond_keeps_image`` (sampling and condition dropout alike).
 
 The LLM is called through `vargpt.models.vlm.llm_forward` (a transformers Qwen2-VL); any callable with the same
 signature can be passed instead.
@@ -40,7 +43,7 @@ from vargpt.errors import InputError
 from vargpt.models.projectors import GenProjector, SosEmbedding
 from vargpt.models.vae import BSQVAE
 from vargpt.models.visual_decoder import VisualDecoder
-from vargpt.processing import VARGPTProcessor, render_inference_prompt
+from vargpt.processing import IMAGE_PLACEHOLDER, VARGPTProcessor, render_inference_prompt
 from vargpt.scales import Schedule
 
 __all__ = [
@@ -48,6 +51,7 @@ __all__ = [
     "TeacherForcedOutput",
     "teacher_forced_forward",
     "gather_gen_states",
+    "image_only_prompt_ids",
     "null_prompt_ids",
     "prompt_context",
     "source_codes",
@@ -185,3 +189,16 @@ def source_codes(vae: BSQVAE, decoder: VisualDecoder, pixels_N3HW: Tensor, sched
 def null_prompt_ids(processor: VARGPTProcessor) -> list[int]:
     """Ids of the null prompt (chat template, empty user message, default system), without the start token."""
     return processor.encode(render_inference_prompt(""))
+
+
+def image_only_prompt_ids(prefix_ids: list[int], processor: VARGPTProcessor) -> list[int]:
+    """``prefix_ids`` (a prompt with an understanding image, before ``<|image_gen_start|>``, unpadded) up to and
+    including its last ``<|vision_end|>``, then the rest of the chat template of an empty message after an image
+    (end of the user turn, assistant header): the edit's picture without its instruction, the unconditional row of
+    ``decoder.uncond_keeps_image``. Raises `InputError` without an image."""
+    vision_end = processor.tokens.vision_end
+    if vision_end not in prefix_ids:
+        raise InputError("an image-only unconditional prompt needs a prompt with an <image>")
+    last = len(prefix_ids) - 1 - prefix_ids[::-1].index(vision_end)
+    tail = render_inference_prompt(IMAGE_PLACEHOLDER + "\n").split(IMAGE_PLACEHOLDER, 1)[1]
+    return prefix_ids[:last + 1] + processor.encode(tail)

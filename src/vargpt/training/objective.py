@@ -21,7 +21,8 @@ ignored.
 * Condition dropout (consistent unconditional branch, `vargpt.engine`): with probability
   ``decoder.cond_drop_rate`` a generation row's whole prefix (everything before its first
   ``<|image_gen_start|>``, understanding images included) is replaced by the null prompt and its start condition
-  by the ``cfg_uncond`` one, exactly what sampling's unconditional row sees. With
+  by the ``cfg_uncond`` one, exactly what sampling's unconditional row sees (with ``decoder.uncond_keeps_image``
+  an edit row keeps its picture and drops only its instruction, `drop_prompts`). With
   ``compat.published_uncond_branch`` only the start condition is dropped (by the decoder), as published.
 
 Differences from the published implementation: the text loss is by default over the answer tokens only
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vargpt.errors import InputError
-from vargpt.models.generation import null_prompt_ids
+from vargpt.models.generation import image_only_prompt_ids, null_prompt_ids
 from vargpt.models.vargpt import VARGPT, GenerationForward
 from vargpt.processing import IGNORE_INDEX
 from vargpt.training.losses import bit_logprob, bit_loss, published_text_labels
@@ -48,9 +49,12 @@ __all__ = ["drop_prompts", "image_logprobs", "teacher_forced", "text_ce", "train
 
 def drop_prompts(model: VARGPT, batch: dict[str, Any], drop_B: Tensor) -> dict[str, Any]:
     """``batch`` with the prefix (before the first ``<|image_gen_start|>``) of the ``drop_B`` rows replaced by the
-    null prompt, their understanding images removed, re-padded on the right."""
+    null prompt, their understanding images removed, re-padded on the right. With ``decoder.uncond_keeps_image`` a
+    prefix with an understanding image (an edit) keeps it and loses the text after it (`image_only_prompt_ids`)."""
     t = model.config.tokens
-    null = null_prompt_ids(model.require_processor())
+    processor = model.require_processor()
+    null = null_prompt_ids(processor)
+    keep_image = model.config.decoder.uncond_keeps_image
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     rows, keep_img = [], []
     for b in range(ids.shape[0]):
@@ -60,8 +64,13 @@ def drop_prompts(model: VARGPT, batch: dict[str, Any], drop_B: Tensor) -> dict[s
         if bool(drop_B[b]):
             s = r_ids.index(t.image_gen_start)
             n_prefix = r_ids[:s].count(t.vision_start)
-            keep_img += [False] * n_prefix + [True] * (n_img - n_prefix)
-            r_ids, r_lab = null + r_ids[s:], [IGNORE_INDEX] * len(null) + r_lab[s:]
+            if keep_image and n_prefix:  # an edit: its picture stays, its instruction goes
+                prefix = image_only_prompt_ids(r_ids[:s], processor)
+                keep_img += [True] * n_img
+            else:
+                prefix = null
+                keep_img += [False] * n_prefix + [True] * (n_img - n_prefix)
+            r_ids, r_lab = prefix + r_ids[s:], [IGNORE_INDEX] * len(prefix) + r_lab[s:]
         else:
             keep_img += [True] * n_img
         rows.append((r_ids, r_lab))
