@@ -22,6 +22,7 @@ PANELS = [
     ("gen", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
     ("edit", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
     ("edit2", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
+    ("edit3", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
     ("dpo", "metrics.csv", "step", [("loss", "DPO loss"), ("rewards_accuracy", "reward accuracy")], False),
 ]
 
@@ -31,7 +32,7 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("runs/tiny"))
     ap.add_argument("--out", type=Path, default=Path("docs/embedded_losses.png"))
     args = ap.parse_args()
-    panels = [p for p in PANELS if (args.root / p[0] / p[1]).is_file() or p[0] != "edit2"]  # edit2 is optional
+    panels = [p for p in PANELS if (args.root / p[0] / p[1]).is_file() or p[0] not in ("edit2", "edit3")]  # optional
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (run, name, x, ys, log) in zip(axes, panels, strict=True):
         rows = list(csv.DictReader((args.root / run / name).open()))

@@ -7,7 +7,8 @@ For the runs of `scripts/build_embedded_default.sh` under ROOT:
   before (the model DPO started from, its recipe's model.checkpoint) and after (dpo), one score per sampling seed,
   with mean and spread;
 * editing SFT: edit success and text-to-image score before (the model its first stage started from) and after (its
-  last stage: edit2 when the chain has one, else edit), per seed; with edit2 also edit2 against edit;
+  last stage: edit3 or edit2 when the chain has them, else edit), per seed; and each later editing stage against
+  the one it started from;
 * understanding: VQA accuracy of the final model (the last stage of the chain).
 All at ``--size`` (default 64, the resolution every stage trains at), on the test split.
 
@@ -30,7 +31,8 @@ from vargpt.models.vargpt import VARGPT
 from vargpt.pipeline import VARGPTPipeline
 from vargpt.training.recipe import load_recipe
 
-STAGES = ("understanding", "gen", "edit", "edit2", "dpo")  # the chain's order (edit2 optional); the last is shipped
+STAGES = ("understanding", "gen", "edit", "edit2", "edit3", "dpo")  # the chain's order; the last is shipped
+LATER_EDITS = ("edit2", "edit3")  # optional stages
 
 
 def loss_trend(run: Path, window: int) -> dict:
@@ -67,7 +69,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=Path("stage_gains.json"))
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    stages = [s for s in STAGES if s != "edit2" or (args.root / s / "model").is_dir()]
+    stages = [s for s in STAGES if s not in LATER_EDITS or (args.root / s / "model").is_dir()]
     model_dir = {s: args.root / s / "model" for s in stages}
     report: dict = {"root": str(args.root), "n": args.n, "seeds": args.seeds, "size": args.size,
                     "loss": {s: loss_trend(args.root / s, args.window) for s in stages}}
@@ -85,20 +87,21 @@ def main() -> None:
         rep.pop("images")
         return rep
 
-    last_edit = "edit2" if "edit2" in stages else "edit"
-    start = {s: _start_stage(args.root / s) for s in ("dpo", "edit", last_edit)}
+    later = [s for s in LATER_EDITS if s in stages]
+    last_edit = later[-1] if later else "edit"
+    start = {s: _start_stage(args.root / s) for s in ("dpo", "edit", *later)}
     report["start"] = start
     scores = {}  # each (task, stage) measured once
     for task, stage in dict.fromkeys([("t2i", start["dpo"]), ("t2i", "dpo"), ("edit", start["dpo"]), ("edit", "dpo"),
                                       ("edit", start["edit"]), ("edit", last_edit), ("t2i", start["edit"]),
-                                      ("t2i", last_edit), ("edit", start[last_edit])]):
+                                      ("t2i", last_edit), *(("edit", start[s]) for s in later)]):
         scores[task, stage] = (t2i if task == "t2i" else edit)(stage)
     report["dpo"] = {"before": scores["t2i", start["dpo"]], "after": scores["t2i", "dpo"],
                      "edit_before": scores["edit", start["dpo"]], "edit_after": scores["edit", "dpo"]}
     report["edit_sft"] = {"before": scores["edit", start["edit"]], "after": scores["edit", last_edit],
                           "t2i_before": scores["t2i", start["edit"]], "t2i_after": scores["t2i", last_edit]}
-    if last_edit == "edit2":
-        report["edit2"] = {"before": scores["edit", start["edit2"]], "after": scores["edit", "edit2"]}
+    for s in later:
+        report[s] = {"before": scores["edit", start[s]], "after": scores["edit", s]}
     report["vqa_final"] = tasks.evaluate_vqa(VARGPTPipeline.from_pretrained(model_dir[stages[-1]], progress=False),
                                              tasks.vqa_cases(args.n, size=args.size))
     args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -113,8 +116,9 @@ def main() -> None:
         "edit-sft t2i before/after": [fmt(report["edit_sft"][k]["score"]) for k in ("t2i_before", "t2i_after")],
         "vqa final": report["vqa_final"]["accuracy"],
     }
-    if "edit2" in report:
-        summary["edit2 before/after"] = [fmt(report["edit2"][k]["score"]) for k in ("before", "after")]
+    for s in LATER_EDITS:
+        if s in report:
+            summary[f"{s} before/after"] = [fmt(report[s][k]["score"]) for k in ("before", "after")]
     print(json.dumps(summary, indent=1))
 
 
