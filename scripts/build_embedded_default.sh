@@ -3,12 +3,12 @@
 #   ShapesWorld data (64 px) + tiny BPE tokenizer
 #   -> in parallel: the patch VAE (`vargpt train vae`, one core) | vision-tower pretraining on dense scene labels
 #      (`python -m vargpt.training.embedded vision`) then understanding SFT (recipes/tiny/understanding.yaml)
-#   -> text-to-image SFT (recipes/tiny/gen.yaml) -> editing SFT (recipes/tiny/edit.yaml, then twice
-#      recipes/tiny/edit2.yaml: stages edit2, edit3), each on two processes
+#   -> text-to-image SFT (recipes/tiny/gen.yaml) -> editing SFT (recipes/tiny/edit.yaml, then three times
+#      recipes/tiny/edit2.yaml: stages edit2, edit3, edit4), each on two processes
 #   -> on-policy edit preferences + DPO (recipes/tiny/dpo.yaml) -> `vargpt eval` on held-out records
 #   -> (INSTALL=1) into the package.
 #
-#   scripts/build_embedded_default.sh            # full build under runs/tiny (ROOT), about 2.4 h on 2 CPU cores
+#   scripts/build_embedded_default.sh            # full build under runs/tiny (ROOT), about 2.65 h on 2 CPU cores
 #   QUICK=1 scripts/build_embedded_default.sh    # smoke run: a few steps per stage on tiny data, under runs/tiny_quick
 #   INSTALL=1 scripts/build_embedded_default.sh  # also copy the final model into src/vargpt/assets/tiny (not QUICK)
 #
@@ -103,11 +103,12 @@ NPROC=2 run_stage gen "$(model_done "$ROOT/gen")" train gen "$ROOT/gen" "model.c
     "data.sources.2.path=$DATA/pos64"
 NPROC=2 run_stage edit "$(model_done "$ROOT/edit")" train edit "$ROOT/edit" "model.checkpoint=$ROOT/gen/model" \
     "data.sources.0.path=$DATA/edit64" "data.sources.1.path=$DATA/t2i64" "data.sources.2.path=$DATA/und64"
-for stage in edit2 edit3; do  # two more editing stages of 3,000 steps, each from the one before (a fresh cosine each)
-    prev=$([[ $stage == edit2 ]] && echo edit || echo edit2)
+prev=edit
+for stage in edit2 edit3 edit4; do  # three more editing stages of 3,000 steps, each from the one before (a fresh cosine)
     NPROC=2 run_stage "$stage" "$(model_done "$ROOT/$stage")" train edit2 "$ROOT/$stage" \
         "model.checkpoint=$ROOT/$prev/model" "data.sources.0.path=$DATA/edit64" "data.sources.1.path=$DATA/t2i64" \
         "data.sources.2.path=$DATA/und64"
+    prev=$stage
 done
 
 # ---- DPO on the editing model's own edits, judged by the edit checker: 8 samples per training edit at the model's
@@ -115,17 +116,17 @@ done
 #      samples give no pair: a generator trained on canonical layouts passes all of them (session 14: 768 x 8 at
 #      temperature 1, 1,536 x 8 over every category); its edits still fail most of the time. No pair at all: DPO is
 #      skipped and the editing model is the final one
-run_stage preferences "$ROOT/prefs/records.jsonl" "$PYTHON" -m vargpt data preferences --model "$ROOT/edit3/model" \
+run_stage preferences "$ROOT/prefs/records.jsonl" "$PYTHON" -m vargpt data preferences --model "$ROOT/$prev/model" \
     --out "$ROOT/prefs" --task edit --n "$PREF_N" --samples 8 --size 64 --device "$DEVICE" --allow-empty \
     $([[ $QUICK == 1 ]] && echo --render-chosen)
 if [[ -s $ROOT/prefs/records.jsonl ]]; then
-    run_stage dpo "$(model_done "$ROOT/dpo")" train dpo "$ROOT/dpo" "model.checkpoint=$ROOT/edit3/model" \
+    run_stage dpo "$(model_done "$ROOT/dpo")" train dpo "$ROOT/dpo" "model.checkpoint=$ROOT/$prev/model" \
         "data.sources.0.path=$ROOT/prefs"
     FINAL=$ROOT/dpo/model
 else  # every sample tied (all passed or all failed alike): nothing to prefer, so DPO would only copy the model
     echo "== dpo: skipped, no preference pairs ($ROOT/prefs/summary.json); the final model is the editing model" \
         | tee -a "$ROOT/build.log"
-    FINAL=$ROOT/edit3/model
+    FINAL=$ROOT/$prev/model
 fi
 
 # ---- held-out scores (test split, the checker), the same report `vargpt eval` writes
