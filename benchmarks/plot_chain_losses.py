@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+LATER_EDITS = ("edit2", "edit3", "edit4")  # stages a chain may lack
 # (run, csv, x column, [(y column, label)], log y)
 PANELS = [
     ("vae", "log.csv", "step", [("psnr_db", "train PSNR (dB)")], False),
@@ -23,6 +24,7 @@ PANELS = [
     ("edit", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
     ("edit2", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
     ("edit3", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
+    ("edit4", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
     ("dpo", "metrics.csv", "step", [("loss", "DPO loss"), ("rewards_accuracy", "reward accuracy")], False),
 ]
 
@@ -32,7 +34,7 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("runs/tiny"))
     ap.add_argument("--out", type=Path, default=Path("docs/embedded_losses.png"))
     args = ap.parse_args()
-    panels = [p for p in PANELS if (args.root / p[0] / p[1]).is_file() or p[0] not in ("edit2", "edit3")]  # optional
+    panels = [p for p in PANELS if (args.root / p[0] / p[1]).is_file() or p[0] not in LATER_EDITS]  # optional
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (run, name, x, ys, log) in zip(axes, panels, strict=True):
         rows = list(csv.DictReader((args.root / run / name).open()))

@@ -7,8 +7,8 @@ For the runs of `scripts/build_embedded_default.sh` under ROOT:
   before (the model DPO started from, its recipe's model.checkpoint) and after (dpo), one score per sampling seed,
   with mean and spread;
 * editing SFT: edit success and text-to-image score before (the model its first stage started from) and after (its
-  last stage: edit3 or edit2 when the chain has them, else edit), per seed; and each later editing stage against
-  the one it started from;
+  last stage: the latest of edit4, edit3, edit2 the chain has, else edit), per seed; and each later editing stage
+  against the one it started from;
 * understanding: VQA accuracy of the final model (the last stage of the chain).
 All at ``--size`` (default 64, the resolution every stage trains at), on the test split.
 
@@ -31,8 +31,8 @@ from vargpt.models.vargpt import VARGPT
 from vargpt.pipeline import VARGPTPipeline
 from vargpt.training.recipe import load_recipe
 
-STAGES = ("understanding", "gen", "edit", "edit2", "edit3", "dpo")  # the chain's order; the last is shipped
-LATER_EDITS = ("edit2", "edit3")  # optional stages
+STAGES = ("understanding", "gen", "edit", "edit2", "edit3", "edit4", "dpo")  # the chain's order; the last is shipped
+LATER_EDITS = ("edit2", "edit3", "edit4")  # optional stages
 
 
 def loss_trend(run: Path, window: int) -> dict:
