@@ -116,7 +116,7 @@ def _infer_task(messages: list[dict[str, Any]], pair: bool) -> str:
     return "chat"
 
 
-def _record(raw: Any, base: Path, root: Path, where: str, default_id: str) -> Record:
+def _record(raw: Any, base: Path, root: Path, where: str, default_id: str, dirs: tuple[str, str]) -> Record:
     if not isinstance(raw, dict):
         raise InputError(f"{where}: a record must be a JSON object")
     msgs = raw.get("messages", raw.get("conversations"))
@@ -137,14 +137,15 @@ def _record(raw: Any, base: Path, root: Path, where: str, default_id: str) -> Re
         raise InputError(f"{where}: 'images' must be a list of paths")
     task = raw.get("task") or _infer_task(messages + [m for m in (chosen,) if m], chosen is not None)
     return Record(id=str(raw.get("id", default_id)), task=task, messages=messages,
-                  images=[_image_path(base, root, p, where) for p in images], chosen=chosen, rejected=rejected,
+                  images=[_image_path(base, root, dirs, p, where) for p in images], chosen=chosen, rejected=rejected,
                   meta=raw.get("meta") if isinstance(raw.get("meta"), dict) else {}, root=root)
 
 
-def _image_path(base: Path, root: Path, path: str, where: str) -> Path:
+def _image_path(base: Path, root: Path, dirs: tuple[str, str], path: str, where: str) -> Path:
     """``base / path``, unless it (absolute, or climbing with ``..``) leaves ``root``: a records file may only name
-    images under its data root (a record must not make the trainer read, say, /etc/passwd or ~/.ssh)."""
-    full, top = os.path.normpath(os.path.join(base.absolute(), path)), os.path.normpath(root.absolute())
+    images under its data root (a record must not make the trainer read, say, /etc/passwd or ~/.ssh). ``dirs``:
+    (base, root) made absolute and normalised once per file (`_abs_dirs`; per image it was most of the reading)."""
+    full, top = os.path.normpath(os.path.join(dirs[0], path)), dirs[1]
     if os.path.commonpath([full, top]) != top:
         raise InputError(f"{where}: image path {path!r} leaves the data root {root}; put the images under it "
                          "(a recipe source's `root` can name a wider data root)")
@@ -157,6 +158,10 @@ def _inside_root(path: Path, root: Path | None) -> Path:
         raise InputError(f"{path}: a symlink out of the data root {root} (to {path.resolve()}); copy the image "
                          "into the data root (linking the whole data directory is fine)")
     return path
+
+
+def _abs_dirs(base: Path, root: Path) -> tuple[str, str]:
+    return os.path.abspath(base), os.path.abspath(root)
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:
@@ -184,6 +189,7 @@ def read_records(path: str | Path, fmt: Format = "chat", *, root: str | Path | N
     base = path.parent
     root = Path(root) if root is not None else base
     lines = _lines(path)
+    dirs = _abs_dirs(base, root)
     if path.suffix == ".json" or next((t for _, t in lines if t.strip()), "").lstrip().startswith("["):
         try:
             rows = json.loads("\n".join(t for _, t in lines))
@@ -191,7 +197,7 @@ def read_records(path: str | Path, fmt: Format = "chat", *, root: str | Path | N
             raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(rows, list):
             raise InputError(f"{path}: a JSON records file must hold a list of records")
-        return [_record(r, base, root, f"{path}: record {i}", f"{path.stem}:{i}") for i, r in enumerate(rows)]
+        return [_record(r, base, root, f"{path}: record {i}", f"{path.stem}:{i}", dirs) for i, r in enumerate(rows)]
     out = []
     for n, line in lines:
         if not line.strip():
@@ -200,7 +206,7 @@ def read_records(path: str | Path, fmt: Format = "chat", *, root: str | Path | N
             raw = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); one record per line") from None
-        out.append(_record(raw, base, root, f"{path}:{n}", f"{path.stem}:{n}"))
+        out.append(_record(raw, base, root, f"{path}:{n}", f"{path.stem}:{n}", dirs))
     return out
 
 
