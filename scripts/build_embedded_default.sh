@@ -8,7 +8,7 @@
 #   -> on-policy edit preferences + DPO (recipes/tiny/dpo.yaml) -> `vargpt eval` on held-out records
 #   -> (INSTALL=1) into the package.
 #
-#   scripts/build_embedded_default.sh            # full build under runs/tiny (ROOT), about 2.4 h on 2 CPU cores
+#   scripts/build_embedded_default.sh            # full build under runs/tiny (ROOT), about 2.65 h on 2 CPU cores
 #   QUICK=1 scripts/build_embedded_default.sh    # smoke run: a few steps per stage on tiny data, under runs/tiny_quick
 #   INSTALL=1 scripts/build_embedded_default.sh  # also copy the final model into src/vargpt/assets/tiny (not QUICK)
 #
@@ -52,7 +52,6 @@ run_stage() {
     "$@"
     echo "== $name: $(( $(date +%s) - t0 )) s" | tee -a "$ROOT/build.log"
 }
-both_cores() { OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 "$@"; }  # a stage that runs alone on one process: two threads
 model_done() { echo "$1/model/preprocessor_config.json"; }  # written last by save_pretrained
 shapesworld() { "$PYTHON" -m vargpt data shapesworld --split train --size 64 "$@"; }
 train() {  # train RECIPE OUT [overrides...]: a recipe stage, resumable; NPROC=2 trains on two processes
@@ -90,9 +89,7 @@ if [[ ! -e $ROOT/vae/model/config.json ]]; then
 fi
 run_stage vision "$(model_done "$ROOT/vision")" "$PYTHON" -m vargpt.training.embedded vision \
     --recipe recipes/tiny/understanding.yaml --out "$ROOT/vision" --steps "$VISION_STEPS" "model.tokenizer=$ROOT/tokenizer"
-# understanding on two processes (batch 16 each): a third job beside the VAE while it lasts, then alone on both cores
-# (on one process it ran its last ~25 minutes alone on one core, the other idle)
-NPROC=2 run_stage understanding "$(model_done "$ROOT/understanding")" train understanding "$ROOT/understanding" \
+run_stage understanding "$(model_done "$ROOT/understanding")" train understanding "$ROOT/understanding" \
     "model.checkpoint=$ROOT/vision/model" "model.tokenizer=$ROOT/tokenizer" "data.sources.0.path=$DATA/und64"
 if [[ -n $VAE_PID ]]; then
     wait "$VAE_PID" || { echo "the VAE failed: see $ROOT/vae.log" >&2; exit 1; }
@@ -119,11 +116,11 @@ done
 #      samples give no pair: a generator trained on canonical layouts passes all of them (session 14: 768 x 8 at
 #      temperature 1, 1,536 x 8 over every category); its edits still fail most of the time. No pair at all: DPO is
 #      skipped and the editing model is the final one
-run_stage preferences "$ROOT/prefs/records.jsonl" both_cores "$PYTHON" -m vargpt data preferences \
-    --model "$ROOT/$prev/model" --out "$ROOT/prefs" --task edit --n "$PREF_N" --samples 8 --size 64 --device "$DEVICE" --allow-empty \
+run_stage preferences "$ROOT/prefs/records.jsonl" "$PYTHON" -m vargpt data preferences --model "$ROOT/$prev/model" \
+    --out "$ROOT/prefs" --task edit --n "$PREF_N" --samples 8 --size 64 --device "$DEVICE" --allow-empty \
     $([[ $QUICK == 1 ]] && echo --render-chosen)
 if [[ -s $ROOT/prefs/records.jsonl ]]; then
-    run_stage dpo "$(model_done "$ROOT/dpo")" both_cores train dpo "$ROOT/dpo" "model.checkpoint=$ROOT/$prev/model" \
+    run_stage dpo "$(model_done "$ROOT/dpo")" train dpo "$ROOT/dpo" "model.checkpoint=$ROOT/$prev/model" \
         "data.sources.0.path=$ROOT/prefs"
     FINAL=$ROOT/dpo/model
 else  # every sample tied (all passed or all failed alike): nothing to prefer, so DPO would only copy the model
@@ -133,7 +130,7 @@ else  # every sample tied (all passed or all failed alike): nothing to prefer, s
 fi
 
 # ---- held-out scores (test split, the checker), the same report `vargpt eval` writes
-run_stage eval "$ROOT/eval/report.json" both_cores "$PYTHON" -m vargpt eval --model "$FINAL" --n "$EVAL_N" \
+run_stage eval "$ROOT/eval/report.json" "$PYTHON" -m vargpt eval --model "$FINAL" --n "$EVAL_N" \
     --seeds "$EVAL_SEEDS" --device "$DEVICE" --json "$ROOT/eval/report.json"
 cat "$ROOT/eval/report.md"
 
