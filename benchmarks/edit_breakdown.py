@@ -1,13 +1,16 @@
 """Why edits fail: for every object an edit should leave alone, what became of it in the edited picture, and the
-same for the VAE's reconstruction of the edit's target (what no generator on this VAE can beat).
+same for the VAE's reconstruction of the edit's target (what no generator on this VAE can beat); and, for moves and
+swaps, where each relocated object went.
 
     python benchmarks/edit_breakdown.py --model runs/tiny/edit/model --split val --n 256
 
 Edit i is drawn with seed i at the model's sampling settings. An untouched object is ``kept`` (the checker's
 preservation rule: same shape, colour, size and cell, centre within 0.05), ``shifted`` (same four, centre off by
 more), or changed in one or more of ``shape`` / ``colour`` / ``size`` / ``cell`` (the nearest object of the picture
-within a cell's width), or ``missing`` (no object near it). Prints one JSON line: pass rates (score, satisfied,
-preserved) per edit kind, and the fates of untouched objects for the model and for the VAE ceiling.
+within a cell's width), or ``missing`` (no object near it). A relocated object is found at its ``new cell``, its
+``old cell`` or ``elsewhere`` (by shape, colour and size), else what the object at its new cell got wrong
+(`moved_fates`). Prints one JSON line: pass rates (score, satisfied, preserved) per edit kind, the fates of untouched
+objects for the model and for the VAE ceiling, and the counts of relocated objects' fates.
 """
 
 from __future__ import annotations
@@ -46,6 +49,27 @@ def untouched_fates(case, picture) -> list[str]:
     return [fate(o, objects) for i, o in enumerate(expected.objects) if i not in changed]
 
 
+def moved_fates(case, picture) -> list[str]:
+    """For a move or swap: where each relocated object went (``new cell``, ``old cell``, ``elsewhere``), or, with
+    no object of its shape, colour and size anywhere, what the object drawn at its new cell got wrong."""
+    source = parse_scene(case.source)
+    expected, changed = apply_edit(source, parse_edit(case.instruction))
+    objects = parse_scene(picture).objects
+    out = []
+    for i in changed:
+        want = expected.objects[i]
+        look = (want.shape, want.colour, want.size)
+        cells = {o.cell for o in objects if (o.shape, o.colour, o.size) == look}
+        old = next(o.cell for o in source.objects if (o.shape, o.colour, o.size) == look)
+        if cells:
+            out.append("new cell" if want.cell in cells else "old cell" if old in cells else "elsewhere")
+            continue
+        there = [o for o in objects if o.cell == want.cell]
+        out.append("new cell, wrong " + "+".join(a for a in ("shape", "colour", "size")
+                                                if getattr(there[0], a) != getattr(want, a)) if there else "missing")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model directory (default: the embedded one)")
@@ -58,7 +82,7 @@ def main() -> None:
     engine = VARGPTPipeline.from_pretrained(args.model, device="cpu", progress=False).engine
     vae = engine.model.vae_local
     cases = [c for c in edit_cases(args.n, split=args.split) if c.target is not None]
-    total, rates, fates, ceiling = Counter(), Counter(), Counter(), Counter()
+    total, rates, fates, ceiling, moved = Counter(), Counter(), Counter(), Counter(), Counter()
     for start in range(0, len(cases), args.batch):
         chunk = cases[start:start + args.batch]
         edited = to_pil(engine.edit_images([c.source for c in chunk], [c.instruction for c in chunk],
@@ -79,6 +103,8 @@ def main() -> None:
                 for name, value in zip(("score", "satisfied", "preserved"), verdict, strict=True):
                     rates[key, name] += value
             fates.update(untouched_fates(case, picture))
+            if case.kind in ("move", "swap"):
+                moved.update(f"{case.kind}: {f}" for f in moved_fates(case, picture))
             ceiling.update(untouched_fates(case, rec))
     n_objects = sum(fates.values())
     print(json.dumps({
@@ -88,6 +114,7 @@ def main() -> None:
         "untouched_objects": n_objects,
         "fates": {k: round(v / n_objects, 3) for k, v in fates.most_common()},
         "vae_ceiling_fates": {k: round(v / n_objects, 3) for k, v in ceiling.most_common()},
+        "moved_objects": dict(sorted(moved.items())),
     }))
 
 

@@ -480,3 +480,84 @@ def test_copy_gate_loss_targets_the_positions_a_copy_gets_right(records):
     torch.testing.assert_close(out["loss"], 1.0 * out["text_loss"] + 3.0 * out["bit_loss"] + 0.5 * out["gate_loss"])
     with pytest.raises(ConfigError, match="copy_gate_loss_weight"):
         dataclasses.replace(RES, copy_gate_loss_weight=-1.0).validate()
+
+
+# ----------------------------------------------------------------------------------------------- source context
+
+CTX = dataclasses.replace(RES, decoder=dataclasses.replace(RES.decoder, source_copy=0.0, source_context=True))
+NO_CTX = dataclasses.replace(CTX, decoder=dataclasses.replace(CTX.decoder, source_context=False))
+
+
+def test_source_context_needs_the_residual_source_input():
+    with pytest.raises(ConfigError, match="source_context"):
+        dataclasses.replace(CFG.decoder, source_context=True).validate()
+    with pytest.raises(ConfigError, match="source_context"):
+        dataclasses.replace(CFG.decoder, source_condition=True, source_context=True).validate()
+    CTX.decoder.validate()
+
+
+def test_source_context_leaves_the_other_weights_of_a_seeded_build_alone():
+    torch.manual_seed(0)
+    plain = VARGPT(NO_CTX).state_dict()
+    torch.manual_seed(0)
+    ctx = VARGPT(CTX).state_dict()
+    extra = set(ctx) - set(plain)
+    assert extra == {"vargpt_gen.source_ctx.weight", "vargpt_gen.source_ctx.bias", "vargpt_gen.source_ctx_row.weight",
+                     "vargpt_gen.source_ctx_col.weight"}
+    assert all(torch.equal(plain[k], ctx[k]) for k in plain)
+
+
+def test_source_context_tokens_carry_the_latent_and_its_place():
+    torch.manual_seed(0)
+    dec = VARGPT(CTX).vargpt_gen
+    latent = torch.randn(2, CTX.vae.codebook_dim, 3, 4)
+    tokens = dec.source_context_tokens(latent)
+    assert tokens.shape == (2, 12, CTX.decoder.embed_dim)
+    # token (r, c) = source_ctx(latent[:, :, r, c]) + row r + column c, in reading order
+    want = dec.source_ctx(latent[:, :, 2, 1]) + dec.source_ctx_row.weight[2] + dec.source_ctx_col.weight[1]
+    torch.testing.assert_close(tokens[:, 2 * 4 + 1], want)
+    with pytest.raises(InputError, match="rope_max_grid"):
+        dec.source_context_tokens(torch.randn(1, CTX.vae.codebook_dim, 1, CTX.decoder.rope_max_grid + 1))
+
+
+def test_source_context_is_appended_in_training_and_sampling(records):
+    """Teacher forcing appends the edit source's tokens to the context of its row and masks them out for a
+    text-to-image row; the engine's edit path appends the same tokens to both CFG rows; they train."""
+    torch.manual_seed(0)
+    model = VARGPT(CTX)
+    batch = Collator(model.require_processor())([_dataset(model, records)[i] for i in (0, 1)])
+    grid = SIZE // CTX.vae.stride
+    with torch.no_grad(), _capture(model.vargpt_gen, "forward_train") as trained:
+        objective.teacher_forced(model, batch)
+    cond = trained[0]
+    latent = model.vae_local.encode_latent(batch["gen_source_pixel_values"][:1])
+    with torch.no_grad():
+        tokens = model.vargpt_gen.source_context_tokens(latent)
+    torch.testing.assert_close(cond.context_BNC[:1, -grid * grid:], tokens)
+    assert cond.context_mask_BN[0, -grid * grid:].all() and not cond.context_mask_BN[1, -grid * grid:].any()
+
+    src, _, instruction = _edit(records)
+    with torch.no_grad(), _capture(model.vargpt_gen, "forward_step") as steps:
+        Engine(model).edit_images([src], [instruction], size=SIZE, seed=0, sampling=SamplingConfig(cfg_scale=3.0))
+    ctx, mask = steps[0].context_BNC, steps[0].context_mask_BN
+    assert ctx.shape[0] == 2 and mask is not None  # cond + uncond rows (contexts of different lengths)
+    for row, real in zip(ctx, mask, strict=True):  # each ends with the source's tokens, before its padding
+        torch.testing.assert_close(row[real][-grid * grid:], tokens[0])
+
+    model.train()
+    losses = training_losses(model, batch, generator=torch.Generator().manual_seed(0))
+    losses["loss"].backward()
+    assert model.vargpt_gen.source_ctx.weight.grad.abs().sum() > 0
+
+
+def test_a_checkpoint_without_source_context_loads_with_zero_tokens(tmp_path):
+    torch.manual_seed(0)
+    VARGPT(NO_CTX).save_pretrained(tmp_path / "res")
+    model = VARGPT.from_pretrained(tmp_path / "res", config=CTX)
+    dec = model.vargpt_gen
+    assert not dec.source_context_tokens(torch.randn(1, CTX.vae.codebook_dim, 8, 8)).any()
+    model.save_pretrained(tmp_path / "ctx")
+    again = VARGPT.from_pretrained(tmp_path / "ctx")
+    assert again.config.decoder.source_context
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(),
+                                                   strict=True))

@@ -227,6 +227,11 @@ class DecoderConfig:
     source_condition: bool = False
     source_input: str = "bits"
     source_copy: float = 0.0
+    # Editing, with source_input "residual": the source's latent at the finest grid, one token per position
+    # (``source_context``: a linear map of its D channels + learned row and column embeddings), is appended to the
+    # cross-attention context, so a position can copy what the source holds ELSEWHERE (a moved or swapped object);
+    # the residual term only tells it what the source holds at the same place. Not in the released layout.
+    source_context: bool = False
     # Editing CFG (models we train; not with compat.published_uncond_branch): the unconditional row of a prompt with
     # an understanding image keeps the prompt up to that image and drops the text after it (the instruction), as
     # InstructPix2Pix's image-conditioned branch, so guidance amplifies what the instruction changes rather than
@@ -259,6 +264,8 @@ class DecoderConfig:
         _check(self.ffn_hidden > 0, s, "mlp_ratio", self.mlp_ratio, "a value with embed_dim * mlp_ratio >= 128")
         _check(isinstance(self.source_condition, bool), s, "source_condition", self.source_condition, "true or false")
         _check(self.source_input in ("bits", "residual"), s, "source_input", self.source_input, "bits or residual")
+        _check(not self.source_context or (self.source_condition and self.source_input == "residual"), s,
+               "source_context", self.source_context, "false unless source_condition is on with source_input residual")
         _check(isinstance(self.source_copy, (int, float)) and self.source_copy >= 0, s, "source_copy", self.source_copy,
                "a number >= 0 (the copy gain; 0 = off)")
 

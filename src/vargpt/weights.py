@@ -455,7 +455,8 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
 
     Weights are read in ``dtype`` (None: as stored) onto ``device``. A config with ``decoder.source_condition``
     over weights without ``vargpt_gen.source_embed`` gets that term at zero (exactly the model without it), and
-    ``source_copy`` an open copy gate (``source_gate`` zero); the same for ``vision.place_embed`` and ``image_place``.
+    ``source_copy`` an open copy gate (``source_gate`` zero); the same for ``vision.place_embed`` and ``image_place``,
+    and ``decoder.source_context`` (its tokens start as zeros).
     """
     path = Path(path)
     directory = path if path.is_dir() else path.parent
@@ -472,6 +473,10 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu", dty
         optional |= {"vargpt_gen.source_embed.weight": (C, D), "vargpt_gen.source_embed.bias": (C,)}
     if config.decoder.source_condition and config.decoder.source_copy:
         optional |= {"vargpt_gen.source_gate.weight": (1, C), "vargpt_gen.source_gate.bias": (1,)}
+    if config.decoder.source_context:
+        G = config.decoder.rope_max_grid
+        optional |= {"vargpt_gen.source_ctx.weight": (C, D), "vargpt_gen.source_ctx.bias": (C,),
+                     "vargpt_gen.source_ctx_row.weight": (G, C), "vargpt_gen.source_ctx_col.weight": (G, C)}
     if P:
         optional |= {"image_place.row.weight": (P, H), "image_place.col.weight": (P, H)}
     for key, shape in optional.items():

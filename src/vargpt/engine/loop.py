@@ -177,17 +177,20 @@ def generation_condition(decoder: VisualDecoder, sos: SosEmbedding, context_BNC:
                          context_mask_BN: Tensor | None = None, *, guided: bool = True,
                          uncond_context_BNC: Tensor | None = None,
                          uncond_context_mask_BN: Tensor | None = None,
-                         source_BLD: Tensor | None = None) -> DecoderCondition:
+                         source_BLD: Tensor | None = None,
+                         source_latent_BDHW: Tensor | None = None) -> DecoderCondition:
     """The decoder condition of a generation batch: B conditional rows, then (``guided``) B unconditional ones.
 
     Conditional rows: start-of-image condition + the prompt context. Unconditional rows: the ``cfg_uncond``
     condition + ``uncond_context`` if given, else the published context (`published_uncond_context`).
     ``source_BLD`` (editing with ``decoder.source_condition``, `DecoderCondition`): the source codes of
     each sample, given to its conditional AND its unconditional row (condition dropout keeps it in training too),
-    so guidance amplifies the instruction, not the copy.
+    so guidance amplifies the instruction, not the copy. ``source_latent_BDHW`` (``decoder.source_context``): the
+    sources' latents, appended to both rows' context the same way.
     """
     B, N = context_BNC.shape[:2]
-    cond = decoder.condition(start_condition(decoder, sos, B), context_BNC, context_mask_BN, source_BLD=source_BLD)
+    cond = decoder.condition(start_condition(decoder, sos, B), context_BNC, context_mask_BN, source_BLD=source_BLD,
+                             source_latent_BDHW=source_latent_BDHW)
     if not guided:
         return cond
     if uncond_context_BNC is None:
@@ -195,7 +198,7 @@ def generation_condition(decoder: VisualDecoder, sos: SosEmbedding, context_BNC:
                    else torch.full((B,), N, device=context_BNC.device))
         uncond_context_BNC, uncond_context_mask_BN = published_uncond_context(decoder, lengths)
     uncond = decoder.condition(start_condition(decoder, sos, B, uncond=True), uncond_context_BNC,
-                               uncond_context_mask_BN, source_BLD=source_BLD)
+                               uncond_context_mask_BN, source_BLD=source_BLD, source_latent_BDHW=source_latent_BDHW)
     return DecoderCondition.cat(cond, uncond)
 
 
@@ -305,7 +308,7 @@ def sample_from_prompt(decoder: VisualDecoder, projector_in: GenProjector, proje
                                                                         projector_out, uncond_mask)
     cond = generation_condition(decoder, sos, context, context_mask, guided=guided,
                                 uncond_context_BNC=uncond_context_BNC, uncond_context_mask_BN=uncond_context_mask_BN,
-                                source_BLD=source_BLD)
+                                source_BLD=source_BLD, source_latent_BDHW=source_latent)
     hook = LLMScaleHook(llm, projector_in, projector_out, cond_cache=cache, cond_attention_mask=mask, batch_size=B,
                         uncond_mode=uncond_mode, uncond_cache=uncond_cache, uncond_attention_mask=uncond_mask)
     return sample_image_tokens(decoder, cond, schedule, sampling, generator=generator, hook=hook,

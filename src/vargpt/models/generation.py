@@ -131,7 +131,9 @@ def teacher_forced_forward(decoder: VisualDecoder, projector_in: GenProjector, p
                            attention_mask_BS: Tensor | None = None,
                            cond_drop_generator: torch.Generator | None = None,
                            drop_path_generator: torch.Generator | None = None,
-                           cond_BD: Tensor | None = None, source_BLD: Tensor | None = None) -> TeacherForcedOutput:
+                           cond_BD: Tensor | None = None, source_BLD: Tensor | None = None,
+                           source_latent_BDHW: Tensor | None = None,
+                           source_mask_N: Tensor | None = None) -> TeacherForcedOutput:
     """The released training forward of a batch with images to generate (one image per sample that has
     ``<|image_gen_pad|>`` slots, in batch order; ``x_wo_prefix_BlD`` holds their teacher-forcing inputs):
 
@@ -144,7 +146,8 @@ def teacher_forced_forward(decoder: VisualDecoder, projector_in: GenProjector, p
 
     ``cond_BD``: a precomputed start condition per image (e.g. with the caller's own condition dropout);
     default `start_condition` with the decoder's dropout (``cond_drop_generator``). ``source_BLD``: the source codes
-    per image (`DecoderCondition`; zero rows: none).
+    per image (`DecoderCondition`; zero rows: none). ``source_latent_BDHW`` / ``source_mask_N``: the sources'
+    latents for ``decoder.source_context`` (`VisualDecoder.condition`).
     """
     has_image = (input_ids_BS == pad_id).any(1)
     n_img = int(has_image.sum())
@@ -164,7 +167,8 @@ def teacher_forced_forward(decoder: VisualDecoder, projector_in: GenProjector, p
     states = gather_gen_states(hidden, input_ids_BS, pad_id, n_img)[:, :L]
     mask = attention_mask_BS[has_image] if attention_mask_BS is not None else None
     context, context_mask = prompt_context(hidden[has_image], input_ids_BS[has_image], start_id, projector_out, mask)
-    cond = decoder.condition(cond_BD, context, context_mask, source_BLD=source_BLD)
+    cond = decoder.condition(cond_BD, context, context_mask, source_BLD=source_BLD,
+                             source_latent_BDHW=source_latent_BDHW, source_mask_B=source_mask_N)
     logits, gate = decoder.forward_train(projector_out(states), cond, schedule, generator=drop_path_generator,
                                          return_gate=True)
     return TeacherForcedOutput(hidden, logits, gate)

@@ -234,16 +234,20 @@ class VARGPT(nn.Module):
         tokens = self.vae_local.encode(gen_px, schedule, self_correction=cfg.self_correction if self_correction
                                        else None, generator=generator, source=src_px if residual else None,
                                        source_mask=src_mask)
-        source = None
+        source = latent = None
         if residual:
             source = tokens.source_BLD * src_mask.view(-1, 1, 1).to(tokens.source_BLD)
+            if cfg.decoder.source_context:
+                with torch.no_grad():
+                    latent = self.vae_local.encode_latent(src_px)
         elif src_px is not None:
             source = source_codes(self.vae_local, self.vargpt_gen, src_px, schedule, src_mask)
         out = teacher_forced_forward(self.vargpt_gen, self.image_gen_projector, self.image_gen_projector_out,
                                      self.sos_embedding, llm, embeds, ids, tokens.x_wo_prefix_BLD.to(self.dtype),
                                      schedule, start_id=tok.image_gen_start, pad_id=tok.image_gen_pad,
                                      attention_mask_BS=mask, cond_drop_generator=generator,
-                                     drop_path_generator=generator, cond_BD=cond_BD, source_BLD=source)
+                                     drop_path_generator=generator, cond_BD=cond_BD, source_BLD=source,
+                                     source_latent_BDHW=latent, source_mask_N=src_mask)
         return GenerationForward(out.hidden_BSH, out.gen_logits_BLV, tokens.labels_BLD, schedule, source,
                                  out.copy_gate_BL)
 

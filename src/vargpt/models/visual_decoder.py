@@ -18,7 +18,9 @@ position's residual code (2 logits per bit, ``head`` width 2D). Its inputs are
   ``DecoderCondition.source_BLD`` (entries ~+-1; zero rows: no source): the source image's own bits of scale k (or
   its residual, ``source_input``) at the positions predicting scale k; ``source_embed`` (zero-initialised) of them
   is added to the block input with the level embedding, and with ``source_copy = G > 0`` they also reach the bit
-  logits, ``G * gate * code`` per bit, a per-position gate (``source_gate``) deciding where to copy.
+  logits, ``G * gate * code`` per bit, a per-position gate (``source_gate``) deciding where to copy. With
+  ``source_context`` the source's latent (one token per finest-grid position, `source_context_tokens`) is also
+  appended to the cross-attention context, so a position can fetch what the source holds elsewhere.
 
 Blocks: AdaLN -> self-attention (cosine attention with a learned per-head scale, 2-D RoPE, block-causal over
 scales) -> cross-attention (pre-LayerNorm with affine, no gate) -> AdaLN -> GELU(tanh) FFN; DropPath on the
@@ -515,6 +517,19 @@ class VisualDecoder(nn.Module):
             self.source_gate = nn.Linear(C, 1, device="meta").to_empty(device=self.head.weight.device)
             nn.init.zeros_(self.source_gate.weight)
             nn.init.zeros_(self.source_gate.bias)
+        self.source_ctx = self.source_ctx_row = self.source_ctx_col = None
+        if cfg.source_context:
+            # the source's latent as cross-attention context: codes -> width C, plus where each token sits. Drawn
+            # from a generator of its own: the other weights of a seeded build stay the same
+            dev = self.head.weight.device
+            self.source_ctx = nn.Linear(codebook_dim, C, device="meta").to_empty(device=dev)
+            self.source_ctx_row = nn.Embedding(cfg.rope_max_grid, C, device="meta").to_empty(device=dev)
+            self.source_ctx_col = nn.Embedding(cfg.rope_max_grid, C, device="meta").to_empty(device=dev)
+            if dev.type != "meta":
+                g = torch.Generator(device=dev).manual_seed(0)
+                for w in (self.source_ctx.weight, self.source_ctx_row.weight, self.source_ctx_col.weight):
+                    nn.init.trunc_normal_(w, std=init_std, generator=g)
+                nn.init.zeros_(self.source_ctx.bias)
         self._rope: dict[tuple, Tensor] = {}
 
     # ---- helpers
@@ -563,13 +578,40 @@ class VisualDecoder(nn.Module):
         return self.cfg_uncond[:length].unsqueeze(0).expand(batch_size, -1, -1)
 
     def condition(self, cond_BD: Tensor, context_BNC: Tensor, context_mask_BN: Tensor | None = None, *,
-                  source_BLD: Tensor | None = None) -> DecoderCondition:
+                  source_BLD: Tensor | None = None, source_latent_BDHW: Tensor | None = None,
+                  source_mask_B: Tensor | None = None) -> DecoderCondition:
         """Bundle ``cond_BD`` (with its shared modulation, computed in fp32), the cross-attention context and the
-        optional source codes (see `DecoderCondition`)."""
+        optional source codes (see `DecoderCondition`). ``source_latent_BDHW`` (``decoder.source_context``): the
+        edit sources' latents, appended to the context as `source_context_tokens` (rows where ``source_mask_B``
+        is False: masked out)."""
         lin = self.shared_ada_lin[1]  # fp32 whatever the parameter dtype, as released
         gss = F.linear(F.silu(cond_BD.float()), lin.weight.float(), lin.bias.float())
+        if source_latent_BDHW is not None and self.source_ctx is not None:
+            tokens = self.source_context_tokens(source_latent_BDHW).to(context_BNC.dtype)
+            B, N = context_BNC.shape[:2]
+            mask = (context_mask_BN if context_mask_BN is not None else
+                    torch.ones(B, N, dtype=torch.bool, device=context_BNC.device))
+            has = (torch.ones(B, dtype=torch.bool, device=mask.device) if source_mask_B is None
+                   else source_mask_B.to(device=mask.device, dtype=torch.bool))
+            context_BNC = torch.cat([context_BNC, tokens], 1)
+            mask = torch.cat([mask, has[:, None].expand(-1, tokens.shape[1])], 1)
+            context_mask_BN = None if bool(mask.all()) else mask
         return DecoderCondition(cond_BD, gss.reshape(-1, 1, 6, self.cfg.embed_dim), context_BNC, context_mask_BN,
                                 source_BLD)
+
+    def source_context_tokens(self, latent_BDHW: Tensor) -> Tensor:
+        """Cross-attention tokens [B, H*W, C] of source latents [B, D, H, W] (reading order): ``source_ctx`` of each
+        position's D channels + its row and column embeddings (``decoder.source_context``)."""
+        if self.source_ctx is None:
+            raise InputError("this decoder has no source context (config decoder.source_context = false)")
+        _, _, H, W = latent_BDHW.shape
+        if max(H, W) > self.cfg.rope_max_grid:
+            raise InputError(f"source latent grid {H}x{W} exceeds decoder.rope_max_grid ({self.cfg.rope_max_grid})")
+        w = self.source_ctx.weight
+        x = self.source_ctx(latent_BDHW.flatten(2).transpose(1, 2).to(w.dtype))
+        rows = torch.arange(H, device=w.device).repeat_interleave(W)
+        cols = torch.arange(W, device=w.device).repeat(H)
+        return x + self.source_ctx_row(rows) + self.source_ctx_col(cols)
 
     def source_term(self, source_BLD: Tensor) -> Tensor:
         """The block-input term [B, L, C] of source codes ``source_BLD`` (in the order of the bit labels: position
