@@ -9,6 +9,8 @@ line: the median step time of each and the ratio.
 Overrides are the trainer's (``key=value``). Session 20 (2-core AMD EPYC with avx512_bf16, 1 thread): the
 understanding recipe (batch 32) 1.054 s fp32 / 0.724 s bf16, measured beside two trainings; the editing recipe
 (batch 8) 0.31 / 0.26 s on an idle core.
+Whole stages gain less than these single-process steps say (session 21, docs/training.md): the understanding stage
+(one process) ran 22% faster in bf16, the two-process text-to-image and editing stages 0-10% (gen 5% slower).
 """
 
 from __future__ import annotations
