@@ -15,7 +15,7 @@ from PIL import Image
 from vargpt.config import official_config, tiny_config
 from vargpt.engine import Engine
 from vargpt.engine import llm as fast_llm
-from vargpt.errors import InputError
+from vargpt.errors import ConfigError, InputError
 from vargpt.models import vlm as V
 from vargpt.models.projectors import ImagePlaceEmbedding
 from vargpt.models.vargpt import VARGPT
@@ -43,6 +43,18 @@ def test_rows_and_columns_follow_the_merged_grid():
     assert got[:, 1].tolist() == [10, 20, 30, 10, 20, 30, 10, 10]
     with pytest.raises(InputError, match="place_embed"):
         place(torch.tensor([[1, 10, 2]]))
+    scaled = ImagePlaceEmbedding(4, 2, merge=2, scale=16.0)  # vision.place_scale multiplies what the tables give
+    scaled.load_state_dict(place.state_dict())
+    torch.testing.assert_close(scaled(torch.tensor([[1, 4, 6]])), 16 * place(torch.tensor([[1, 4, 6]])))
+
+
+def test_place_scale_reaches_the_model_and_is_checked():
+    assert CFG.vision.place_scale == 1.0 and official_config().vision.place_scale == 1.0
+    cfg = dataclasses.replace(ON, vision=dataclasses.replace(ON.vision, place_scale=64.0))
+    assert VARGPT(cfg).image_place.scale == 64.0
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="place_scale"):
+            dataclasses.replace(ON.vision, place_scale=bad).validate()
 
 
 @torch.no_grad()

@@ -58,10 +58,14 @@ class VisionConfig:
     # token, so the LLM reads where a token is from its features (`ImagePlaceEmbedding`); 0 = off, else the largest
     # merged grid side they cover.
     place_embed: int = 0
+    # Multiplier of the place tables' output (ours; 1 = as trained so far): zero-initialised tables under a large
+    # multiplier grow fast enough to compete with the merged features (norm ~16) as values an answer can read.
+    place_scale: float = 1.0
 
     def validate(self) -> None:
         s = "vision"
         _check(self.place_embed >= 0, s, "place_embed", self.place_embed, "0 (off) or the largest merged grid side")
+        _check(math.isfinite(self.place_scale) and self.place_scale > 0, s, "place_scale", self.place_scale, "> 0")
         _positive(s, depth=self.depth, embed_dim=self.embed_dim, hidden_size=self.hidden_size,
                   num_heads=self.num_heads, patch_size=self.patch_size,
                   temporal_patch_size=self.temporal_patch_size, spatial_merge_size=self.spatial_merge_size)

@@ -36,9 +36,9 @@ class ImagePlaceEmbedding(nn.Module):
     move with its length and turn, so under a small ``rope_theta`` the LLM cannot look a shape up wherever it is, and
     under a large one it cannot tell columns apart; features that carry their place serve both."""
 
-    def __init__(self, max_side: int, dim: int, merge: int) -> None:
+    def __init__(self, max_side: int, dim: int, merge: int, scale: float = 1.0) -> None:
         super().__init__()
-        self.merge = merge
+        self.merge, self.scale = merge, scale
         # zeros given up front: building the module draws nothing from the global RNG, so every module built after
         # it (and a vision stage that trains only the tower) starts as it would without it
         self.row = nn.Embedding(max_side, dim, _weight=torch.zeros(max_side, dim))
@@ -56,7 +56,8 @@ class ImagePlaceEmbedding(nn.Module):
             idx = torch.arange(t * h * w, device=self.row.weight.device)
             rows.append(idx // w % h)
             cols.append(idx % w)
-        return self.row(torch.cat(rows)) + self.col(torch.cat(cols))
+        place = self.row(torch.cat(rows)) + self.col(torch.cat(cols))
+        return place if self.scale == 1 else place * self.scale
 
 
 class GenProjector(nn.Module):

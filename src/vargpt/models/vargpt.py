@@ -94,7 +94,8 @@ class VARGPT(nn.Module):
             self.image_gen_projector = GenProjector(C, H)
             self.image_gen_projector_out = GenProjector(H, C)
             self.sos_embedding = SosEmbedding(config.tokens.image_gen_start, C)
-            self.image_place = (ImagePlaceEmbedding(config.vision.place_embed, H, config.vision.spatial_merge_size)
+            self.image_place = (ImagePlaceEmbedding(config.vision.place_embed, H, config.vision.spatial_merge_size,
+                                                    config.vision.place_scale)
                                 if config.vision.place_embed else None)
         for m in (self.vae_local, self.vargpt_gen, self.image_gen_projector, self.image_gen_projector_out,
                   self.sos_embedding, self.image_place):
