@@ -27,6 +27,7 @@ from vargpt.models.visual_decoder import GATE_OPEN, DecoderCondition, VisualDeco
 from vargpt.processing import ByteTokenizer, VARGPTProcessor
 from vargpt.scales import schedule_for_grid
 from vargpt.training import objective
+from vargpt.training.losses import bit_loss
 from vargpt.training.objective import image_logprobs, training_losses
 from vargpt.training.recipe import recipe_from_dict
 from vargpt.training.trainer import build_model
@@ -561,3 +562,34 @@ def test_a_checkpoint_without_source_context_loads_with_zero_tokens(tmp_path):
     assert again.config.decoder.source_context
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(),
                                                    strict=True))
+
+
+# ----------------------------------------------------------------------------------------------- guided bit loss
+
+
+def test_guided_loss_is_the_bit_loss_of_the_guided_logits_of_edit_rows(records):
+    """guided_loss_weight: the bit loss of cfg * cond + (1 - cfg) * uncond over the edit rows that kept their prompt
+    (t2i rows and rows whose prompt was dropped get none), the unconditional logits from the same inputs without
+    the prompt and without gradient; at cfg 1 it is the edit rows' own bit loss."""
+    torch.manual_seed(0)
+    model = VARGPT(dataclasses.replace(RES, guided_loss_weight=1.0, sampling=SamplingConfig(cfg_scale=3.0))).train()
+    batch = Collator(model.require_processor())([_dataset(model, records)[i] for i in (0, 1)])  # an edit, a t2i row
+    out, seen = objective.teacher_forced(model, batch)
+    assert not seen["gen_dropped"].any()
+    with torch.no_grad():
+        drop = torch.ones(2, dtype=torch.bool)
+        u = model.forward_generation(objective.drop_prompts(model, seen, drop),
+                                     cond_BD=objective._start_condition(model, drop)).gen_logits_BLV
+    guided = objective.guided_bit_loss(model, out, seen)
+    want = bit_loss(3 * out.gen_logits_BLV[:1] - 2 * u[:1], out.bit_labels_BLD[:1])
+    torch.testing.assert_close(guided, want)
+    guided.backward()  # a gradient reaches the conditional row's parameters
+    assert model.vargpt_gen.head.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    model.config.sampling.cfg_scale = 1.0
+    torch.testing.assert_close(objective.guided_bit_loss(model, out, seen),
+                               bit_loss(out.gen_logits_BLV[:1], out.bit_labels_BLD[:1]))
+    dropped = seen | {"gen_dropped": torch.tensor([True, False])}
+    assert objective.guided_bit_loss(model, out, dropped).item() == 0.0
+    losses = objective.training_losses(model, batch, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(losses["guided_loss"]) and "guided_loss" in losses

@@ -337,6 +337,11 @@ class VARGPTConfig:
     # editing with the copy path (decoder.source_copy): weight of the copy gate's BCE against where copying the
     # source gives every bit of a position right (`vargpt.training.objective.copy_gate_loss`); 0 = none
     copy_gate_loss_weight: float = 0.0
+    # editing: weight of a bit loss on the GUIDED logits of each edit row that keeps its prompt, cfg c + (1 - cfg) u
+    # with cfg = sampling.cfg_scale, the unconditional row u (prompt dropped, source kept) run without gradient on
+    # the same inputs (`vargpt.training.objective.guided_bit_loss`): guidance flips copied bits the conditional row
+    # is less sure of than the unconditional one (docs/training.md, session 24); 0 = none
+    guided_loss_weight: float = 0.0
 
     def validate(self) -> VARGPTConfig:
         self.vision.validate()
@@ -353,6 +358,7 @@ class VARGPTConfig:
         _check(self.text_loss_mean in ("token", "sample"), "", "text_loss_mean", self.text_loss_mean,
                "'token' or 'sample'")
         _check(self.copy_gate_loss_weight >= 0, "", "copy_gate_loss_weight", self.copy_gate_loss_weight, ">= 0")
+        _check(self.guided_loss_weight >= 0, "", "guided_loss_weight", self.guided_loss_weight, ">= 0")
         return self
 
     # ---- JSON round-trip

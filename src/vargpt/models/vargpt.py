@@ -48,6 +48,7 @@ from vargpt.errors import CheckpointError, InputError
 from vargpt.models import vlm as V
 from vargpt.models.generation import source_codes, teacher_forced_forward
 from vargpt.models.projectors import GenProjector, ImagePlaceEmbedding, SosEmbedding
+from vargpt.models.quantizer import MultiScaleTokens
 from vargpt.models.vae import BSQVAE
 from vargpt.models.visual_decoder import VisualDecoder
 from vargpt.processing import ByteTokenizer, VARGPTProcessor
@@ -70,6 +71,7 @@ class GenerationForward:
     schedule: Schedule | None = None
     source_BLD: Tensor | None = None  # edit sources' codes given to the decoder (zero rows: none), else None
     copy_gate_BL: Tensor | None = None  # the copy gate's logits (decoder.source_copy), else None
+    tokens: MultiScaleTokens | None = None  # the targets' encoding (labels, teacher-forcing inputs, source term)
 
 
 class VARGPT(nn.Module):
@@ -206,7 +208,7 @@ class VARGPT(nn.Module):
 
     def forward_generation(self, batch: dict[str, Any], *, cond_BD: Tensor | None = None,
                            self_correction: bool = False, generator: torch.Generator | None = None,
-                           ) -> GenerationForward:
+                           tokens: MultiScaleTokens | None = None) -> GenerationForward:
         """Teacher-forced forward of a batch on this model's device (``input_ids``, ``attention_mask``, optional
         understanding images, ``gen_pixel_values`` for the rows with ``<|image_gen_pad|>`` slots, optional
         ``gen_source_*``; see `vargpt.training.objective`).
@@ -214,7 +216,8 @@ class VARGPT(nn.Module):
         The targets are encoded by the VAE into bit labels and teacher-forcing inputs (``self_correction``: the
         config's bitwise self-correction, drawn from ``generator``). ``cond_BD``: the decoder's start condition
         per image (None: the decoder's own, with its training-mode dropout from ``generator``). DropPath draws
-        from ``generator`` too.
+        from ``generator`` too. ``tokens``: the targets' encoding of an earlier forward of the same targets and
+        sources (``GenerationForward.tokens``), used instead of encoding them again (same self-correction draws).
         """
         cfg, tok = self.config, self.config.tokens
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -232,9 +235,10 @@ class VARGPT(nn.Module):
         schedule = schedule_for_size(gen_px.shape[-2], gen_px.shape[-1], cfg.vae.stride)
         src_px, src_mask = self._batch_source(batch, gen_px)
         residual = src_px is not None and cfg.decoder.source_input == "residual"
-        tokens = self.vae_local.encode(gen_px, schedule, self_correction=cfg.self_correction if self_correction
-                                       else None, generator=generator, source=src_px if residual else None,
-                                       source_mask=src_mask)
+        if tokens is None:
+            tokens = self.vae_local.encode(gen_px, schedule, self_correction=cfg.self_correction if self_correction
+                                           else None, generator=generator, source=src_px if residual else None,
+                                           source_mask=src_mask)
         source = latent = None
         if residual:
             source = tokens.source_BLD * src_mask.view(-1, 1, 1).to(tokens.source_BLD)
@@ -250,7 +254,7 @@ class VARGPT(nn.Module):
                                      drop_path_generator=generator, cond_BD=cond_BD, source_BLD=source,
                                      source_latent_BDHW=latent, source_mask_N=src_mask)
         return GenerationForward(out.hidden_BSH, out.gen_logits_BLV, tokens.labels_BLD, schedule, source,
-                                 out.copy_gate_BL)
+                                 out.copy_gate_BL, tokens)
 
     def _batch_source(self, batch: dict[str, Any], gen_px: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Edit sources of a batch's targets and which rows have one (``gen_source_*`` keys), or Nones (no source

@@ -101,7 +101,8 @@ def _start_condition(model: VARGPT, drop_N: Tensor) -> Tensor:
 def teacher_forced(model: VARGPT, batch: dict[str, Any], *, noisy: bool = False,
                    generator: torch.Generator | None = None) -> tuple[GenerationForward, dict[str, Any]]:
     """The model's teacher-forced forward of ``batch`` and the batch it saw: clean (``noisy=False``: no
-    self-correction, no condition dropout), or as in training (``noisy``: both, drawn from ``generator``)."""
+    self-correction, no condition dropout), or as in training (``noisy``: both, drawn from ``generator``). The batch
+    it saw has ``gen_dropped`` [N]: which generation rows had their prompt dropped."""
     cfg, dev = model.config, model.device
     batch = {k: (v.to(dev) if isinstance(v, Tensor) else v) for k, v in batch.items()}
     if batch.get("attention_mask") is None:
@@ -121,7 +122,32 @@ def teacher_forced(model: VARGPT, batch: dict[str, Any], *, noisy: bool = False,
     # published mode in training: the decoder drops the start condition itself (from the generator)
     cond_BD = None if (noisy and not consistent) or not n_gen else _start_condition(model, drop_N)
     out = model.forward_generation(batch, cond_BD=cond_BD, self_correction=noisy, generator=generator)
-    return out, batch
+    return out, batch | {"gen_dropped": drop_N}
+
+
+def guided_bit_loss(model: VARGPT, out: GenerationForward, batch: dict[str, Any]) -> Tensor:
+    """Bit loss of the guided logits ``cfg * cond + (1 - cfg) * uncond`` (cfg = the model's
+    ``sampling.cfg_scale``, one number) of the generation rows that have an edit source and kept their prompt. The
+    unconditional rows (prompts dropped, sources kept, as sampling builds them) run without gradient on the very
+    inputs of ``out`` (``out.tokens``), so the loss teaches the conditional row what guidance will make of it."""
+    zero = out.hidden_BSH.sum() * 0.0
+    if out.gen_logits_BLV is None or out.source_BLD is None:
+        return zero
+    keep_N = (out.source_BLD != 0).flatten(1).any(1).cpu() & ~batch["gen_dropped"]
+    if not bool(keep_N.any()):
+        return zero
+    cfg = model.config.sampling.cfg_scale
+    if not isinstance(cfg, (int, float)):
+        raise InputError(f"guided_loss_weight needs one sampling.cfg_scale, not a list per scale ({cfg})")
+    gen_rows = (batch["input_ids"] == model.config.tokens.image_gen_pad).any(1)
+    n = int(gen_rows.sum())
+    with torch.no_grad():
+        uncond = drop_prompts(model, batch, gen_rows.cpu())
+        u = model.forward_generation(uncond, cond_BD=_start_condition(model, torch.ones(n, dtype=torch.bool)),
+                                     tokens=out.tokens).gen_logits_BLV
+    keep = keep_N.to(out.gen_logits_BLV.device)
+    mixed = cfg * out.gen_logits_BLV[keep] + (1 - cfg) * u[keep]
+    return bit_loss(mixed, out.bit_labels_BLD[keep], reduction=model.config.compat.bit_loss, schedule=out.schedule)
 
 
 def text_ce(model: VARGPT, hidden_BSH: Tensor, labels_BS: Tensor) -> Tensor:
@@ -156,6 +182,9 @@ def training_losses(model: VARGPT, batch: dict[str, Any], *,
     bit = (bit_loss(out.gen_logits_BLV, out.bit_labels_BLD, reduction=cfg.compat.bit_loss, schedule=out.schedule)
            if out.gen_logits_BLV is not None else text.new_zeros(()))
     losses = {"loss": cfg.text_loss_weight * text + cfg.bit_loss_weight * bit, "text_loss": text, "bit_loss": bit}
+    if cfg.guided_loss_weight:
+        losses["guided_loss"] = guided_bit_loss(model, out, batch)
+        losses["loss"] = losses["loss"] + cfg.guided_loss_weight * losses["guided_loss"]
     if cfg.copy_gate_loss_weight and out.copy_gate_BL is not None:
         losses["gate_loss"] = copy_gate_loss(out.copy_gate_BL, out.source_BLD, out.bit_labels_BLD)
         losses["loss"] = losses["loss"] + cfg.copy_gate_loss_weight * losses["gate_loss"]
