@@ -8,6 +8,8 @@ The changed region comes from the edit's target: pixels that differ from the sou
 the VAE's grid and grown by one position (as `vargpt.models.vae.keep_unchanged` does for the training labels). At a
 scale of grid h x w a position is "changed" by ``--rule``: ``any`` when any finest-grid position under it changed,
 ``area:F`` when more than the fraction F of them did. ``--rule none`` is the model as it is (the control).
+``--blank RULE`` also zeroes the decoder's source term inside the changed region chosen by RULE, as for a record
+without a source: whether the source term, which says "keep what is here", is what stops a move or a swap.
 
 A model whose keep decision (a learned head, a gate, a snap rule) were perfect would score this; what it cannot
 reach here is lost by drawing the edit itself (applied), not by redrawing the rest. This is a measurement, not a
@@ -48,6 +50,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--rule", default="area:0.5", help="none | any | area:F")
+    ap.add_argument("--blank", default="none", help="none | any | area:F: zero the decoder's source term inside the "
+                    "changed region so chosen (the decoder is told nothing of the source there)")
     args = ap.parse_args()
     pipe = _pipeline(Path(args.model), "cpu", "auto")
     size = pipe.engine.config.image_size
@@ -57,20 +61,23 @@ def main() -> None:
     state: dict = {}
     draw, residual = loop.sample_bits, loop.source_residual
 
+    def edit_region(rule: str, hw: tuple[int, int]) -> torch.Tensor:  # [B, h*w, 1] True where the edit changes
+        grid = state["changed"][:, None]
+        if rule == "any":
+            return (F.adaptive_max_pool2d(grid, hw) > 0).flatten(1)[..., None]
+        return (F.adaptive_avg_pool2d(grid, hw) > float(rule.split(":")[1])).flatten(1)[..., None]
+
     def recorded_residual(source, summed, hw):
         state["term"], state["hw"] = residual(source, summed, hw), tuple(hw)
-        return state["term"]
+        if args.blank == "none":
+            return state["term"]
+        return state["term"].masked_fill(edit_region(args.blank, tuple(hw)), 0.0)
 
     def keep_outside_changes(logits, **kw):
         bits = draw(logits, **kw)
         if args.rule == "none" or "term" not in state:
             return bits
-        (h, w), grid = state["hw"], state["changed"][:, None]
-        if args.rule == "any":
-            edit = F.adaptive_max_pool2d(grid, (h, w)) > 0
-        else:
-            edit = F.adaptive_avg_pool2d(grid, (h, w)) > float(args.rule.split(":")[1])
-        return torch.where(edit.view(bits.shape[0], h * w, 1), bits, (state["term"] > 0).long())
+        return torch.where(edit_region(args.rule, state["hw"]), bits, (state["term"] > 0).long())
 
     edit_images = pipe.engine.edit_images
 
@@ -86,7 +93,7 @@ def main() -> None:
                                   progress=False)
     finally:
         loop.sample_bits, loop.source_residual = draw, residual
-    print(json.dumps({"model": args.model, "rule": args.rule, "split": args.split, "n": args.n,
+    print(json.dumps({"model": args.model, "rule": args.rule, "blank": args.blank, "split": args.split, "n": args.n,
                       **{k: round(rep[k]["mean"], 4) for k in ("score", "satisfied", "preserved")},
                       "score_range": [rep["score"]["min"], rep["score"]["max"]],
                       "by_group": {k: round(v, 3) for k, v in rep["by_group"].items()},
