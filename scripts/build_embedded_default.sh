@@ -2,7 +2,8 @@
 # Build the embedded default (src/vargpt/assets/tiny) from nothing with the project's own code, on 2 CPU cores:
 #   ShapesWorld data (64 px) + tiny BPE tokenizer
 #   -> in parallel: the patch VAE (`vargpt train vae`, one core) | vision-tower pretraining on dense scene labels
-#      (`python -m vargpt.training.embedded vision`) then understanding SFT (recipes/tiny/understanding.yaml)
+#      (`python -m vargpt.training.embedded vision`) then understanding SFT (recipes/tiny/understanding.yaml, then
+#      recipes/tiny/understanding2.yaml: "relative" questions, with deep supervision)
 #   -> text-to-image SFT (recipes/tiny/gen.yaml) -> editing SFT (recipes/tiny/edit.yaml, then three times
 #      recipes/tiny/edit2.yaml: stages edit2, edit3, edit4), each on two processes
 #   -> on-policy edit preferences + DPO (recipes/tiny/dpo.yaml) -> `vargpt eval` on held-out records
@@ -22,11 +23,11 @@ QUICK=${QUICK:-0}
 INSTALL=${INSTALL:-0}
 if [[ $QUICK == 1 ]]; then
     ROOT=${ROOT:-runs/tiny_quick}
-    N_UND=60; N_T2I=40; N_POS=16; N_VAE=24; N_EDIT=40; TOK_N=200; VAE_STEPS=4; VISION_STEPS=2; PREF_N=8; EVAL_N=2; EVAL_SEEDS=0
+    N_UND=60; N_REL=30; N_T2I=40; N_POS=16; N_VAE=24; N_EDIT=40; TOK_N=200; VAE_STEPS=4; VISION_STEPS=2; PREF_N=8; EVAL_N=2; EVAL_SEEDS=0
     QUICK_ARGS=(max_steps=3 log_every=1 checkpoint.every=3 data.num_workers=0)
 else
     ROOT=${ROOT:-runs/tiny}
-    N_UND=30000; N_T2I=40000; N_POS=10000; N_VAE=8000; N_EDIT=20000; TOK_N=2000; VAE_STEPS=21000; VISION_STEPS=3000; PREF_N=768; EVAL_N=64
+    N_UND=30000; N_REL=30000; N_T2I=40000; N_POS=10000; N_VAE=8000; N_EDIT=20000; TOK_N=2000; VAE_STEPS=21000; VISION_STEPS=3000; PREF_N=768; EVAL_N=64
     EVAL_SEEDS=0,1,2
     QUICK_ARGS=()
 fi
@@ -72,6 +73,8 @@ run_stage data_pos "$DATA/pos64/records.jsonl" shapesworld --out "$DATA/pos64" -
 run_stage data_vae "$DATA/vae/records.jsonl" shapesworld --out "$DATA/vae" --n "$N_VAE" --tasks t2i,edit,caption \
     --t2i-layout canonical
 run_stage data_edit "$DATA/edit64/records.jsonl" shapesworld --out "$DATA/edit64" --n "$N_EDIT" --tasks edit
+run_stage data_rel "$DATA/rel64/records.jsonl" shapesworld --out "$DATA/rel64" --n "$N_REL" --tasks vqa \
+    --qtypes relative --vqa-objects 2 --seed 7
 run_stage tokenizer "$ROOT/tokenizer/tokenizer.json" "$PYTHON" -m vargpt.training.embedded tokenizer \
     --out "$ROOT/tokenizer" --n "$TOK_N"
 
@@ -91,6 +94,9 @@ run_stage vision "$(model_done "$ROOT/vision")" "$PYTHON" -m vargpt.training.emb
     --recipe recipes/tiny/understanding.yaml --out "$ROOT/vision" --steps "$VISION_STEPS" "model.tokenizer=$ROOT/tokenizer"
 run_stage understanding "$(model_done "$ROOT/understanding")" train understanding "$ROOT/understanding" \
     "model.checkpoint=$ROOT/vision/model" "model.tokenizer=$ROOT/tokenizer" "data.sources.0.path=$DATA/und64"
+run_stage understanding2 "$(model_done "$ROOT/understanding2")" train understanding2 "$ROOT/understanding2" \
+    "model.checkpoint=$ROOT/understanding/model" "model.tokenizer=$ROOT/tokenizer" "data.sources.0.path=$DATA/und64" \
+    "data.sources.1.path=$DATA/rel64"
 if [[ -n $VAE_PID ]]; then
     wait "$VAE_PID" || { echo "the VAE failed: see $ROOT/vae.log" >&2; exit 1; }
     echo "== vae: done ($(tail -c 300 "$ROOT/vae.log" | tr '\r' '\n' | tail -1))" | tee -a "$ROOT/build.log"
@@ -98,7 +104,7 @@ fi
 
 # ---- text-to-image SFT, then editing SFT from it (edits from a DPO model lost position: docs/training.md); each on
 #      two processes (batch 8 each)
-NPROC=2 run_stage gen "$(model_done "$ROOT/gen")" train gen "$ROOT/gen" "model.checkpoint=$ROOT/understanding/model" \
+NPROC=2 run_stage gen "$(model_done "$ROOT/gen")" train gen "$ROOT/gen" "model.checkpoint=$ROOT/understanding2/model" \
     "model.vae=$ROOT/vae" "data.sources.0.path=$DATA/t2i64" "data.sources.1.path=$DATA/und64" \
     "data.sources.2.path=$DATA/pos64"
 NPROC=2 run_stage edit "$(model_done "$ROOT/edit")" train edit "$ROOT/edit" "model.checkpoint=$ROOT/gen/model" \

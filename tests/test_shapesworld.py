@@ -295,3 +295,30 @@ def test_multi_turn_question_records_keep_the_first_turn_and_ask_distinct_questi
                for i in range(12)) >= 10
     with pytest.raises(InputError, match="vqa_turns"):
         make_record(0, split="train", tasks=("vqa",), vqa_turns=0)
+
+
+def test_question_types_and_object_count_restrict_question_records(tmp_path):
+    from vargpt.data.shapesworld import QTYPES, relation_holds, write_dataset
+
+    rel = [make_record(i, split="train", tasks=("vqa",), qtypes=("relative",), vqa_objects=2, vqa_turns=2)[0]
+           for i in range(30)]
+    for r in rel:
+        assert len(r["scene"]["objects"]) == 2 and set(r["meta"]["qtypes"]) == {"relative"}
+        assert all(m["content"].removeprefix("<image>\n").startswith("Is the") for m in r["messages"][0::2])
+    assert {r["messages"][1]["content"] for r in rel} == {"yes", "no"}
+    scene = Scene.from_dict(rel[0]["scene"])
+    a, b = scene.objects
+    assert relation_holds(a, b, "left of") == relation_holds(b, a, "right of")  # the answers follow the scene
+    three = [make_record(i, split="train", tasks=("caption",), vqa_objects=3)[0] for i in range(10)]
+    assert all(len(r["scene"]["objects"]) == 3 for r in three)
+    for i in range(20):  # the defaults are every type and 1-4 objects, as before the options existed
+        assert make_record(i, split="train", tasks=("vqa",), qtypes=QTYPES) == make_record(i, split="train",
+                                                                                             tasks=("vqa",))
+    for kwargs, match in (({"qtypes": ("relative",)}, "two or more"), ({"qtypes": ("relative",), "vqa_objects": 1},
+                          "two or more"), ({"qtypes": ("colour", "size")}, "question type"),
+                          ({"qtypes": "where"}, "qtypes"), ({"vqa_objects": 5}, "vqa_objects")):
+        with pytest.raises(InputError, match=match):
+            make_record(0, split="train", tasks=("vqa",), **kwargs)
+    summary = write_dataset(tmp_path / "rel", n=4, tasks=("vqa",), qtypes=("relative",), vqa_objects=2,
+                            progress=False)
+    assert summary["qtypes"] == ["relative"] and summary["vqa_objects"] == 2

@@ -22,7 +22,7 @@ from transformers import LogitsProcessor
 from conftest import VAE_DECODE_TOL, assert_close_recorded, load_fixture
 from vargpt.config import SamplingConfig, official_config
 from vargpt.engine import Engine
-from vargpt.errors import CheckpointError, InputError
+from vargpt.errors import CheckpointError, ConfigError, InputError
 from vargpt.models.generation import null_prompt_ids
 from vargpt.models.vargpt import VARGPT
 from vargpt.processing import VARGPTProcessor
@@ -344,3 +344,37 @@ def test_text_loss_mean_per_sample(tiny_model):
         assert text_ce(model, hidden, labels).item() == pytest.approx(((ce0.mean() + ce1) / 2).item())
     finally:
         model.config.text_loss_mean = "token"
+
+
+def test_early_exit_text_loss(tiny_model):
+    """``early_exit_weight``: the text CE is also taken at an earlier LLM block's output (through the final norm and
+    lm_head) and added with its weight; the hook that reads the block is gone afterwards."""
+    model, proc = tiny_model, tiny_model.processor
+    samples = [proc.training_inputs([{"role": "user", "content": f"<image>\n{q}"},
+                                     {"role": "assistant", "content": a}], [Image.new("RGB", (64, 64), rgb)])
+               for q, a, rgb in (("What colour is it?", "red", (200, 0, 0)), ("Is there a circle?", "no", (9, 9, 9)))]
+    batch = proc.pad(samples, padding_side="right")
+    layer, weight = 2, 0.5
+    block = model.vlm.model.language_model.layers[layer - 1]
+    with torch.no_grad():
+        base = training_losses(model, batch)
+        hs = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")},
+                   output_hidden_states=True).hidden_states
+        want = text_ce(model, model.vlm.model.language_model.norm(hs[layer]), batch["labels"])
+        hooks = dict(block._forward_hooks)  # transformers adds its own for output_hidden_states
+        model.config.early_exit_layer, model.config.early_exit_weight = layer, weight
+        try:
+            got = training_losses(model, batch)
+        finally:
+            model.config.early_exit_layer, model.config.early_exit_weight = 0, 0.0
+        again = training_losses(model, batch)
+    assert "early_loss" not in base and "early_loss" not in again
+    assert got["early_loss"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert got["early_loss"].item() != pytest.approx(got["text_loss"].item(), rel=1e-3)
+    assert got["loss"].item() == pytest.approx(base["loss"].item() + weight * want.item(), rel=1e-5)
+    assert dict(block._forward_hooks) == hooks
+    n = model.config.llm.num_hidden_layers
+    with pytest.raises(ConfigError, match="early_exit_layer"):
+        dataclasses.replace(model.config, early_exit_layer=n).validate()
+    with pytest.raises(ConfigError, match="early_exit_weight"):
+        dataclasses.replace(model.config, early_exit_weight=0.5).validate()

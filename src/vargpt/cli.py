@@ -85,14 +85,20 @@ def data_shapesworld(
                                                     "text-to-image position prompts that name both colours.")] = 0.0,
     categories: Annotated[str, typer.Option("--categories", help="Comma-separated prompt categories of the "
                                             "text-to-image and dpo records (default: all six), e.g. position.")] = "",
+    qtypes: Annotated[str, typer.Option("--qtypes", help="Comma-separated question types of the vqa records "
+                                        "(default: all six: exist,count,colour,shape,where,relative).")] = "",
+    vqa_objects: Annotated[int | None, typer.Option("--vqa-objects", min=1, help="Objects in each caption and vqa "
+                                                    "picture (default: 1-4 at random).")] = None,
 ) -> None:
     """Write a ShapesWorld dataset: DIR/records.jsonl and the images beside it."""
-    from vargpt.data.shapesworld import CATEGORIES, TASKS, write_dataset
+    from vargpt.data.shapesworld import CATEGORIES, QTYPES, TASKS, write_dataset
 
     chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) or TASKS
     cats = tuple(c.strip() for c in categories.split(",") if c.strip()) or CATEGORIES
     summary = write_dataset(out, n=n, split=split, size=size, seed=seed, tasks=chosen, t2i_layout=t2i_layout,
-                            vqa_turns=vqa_turns, position_colours=position_colours, categories=cats)
+                            vqa_turns=vqa_turns, position_colours=position_colours, categories=cats,
+                            qtypes=tuple(q.strip() for q in qtypes.split(",") if q.strip()) or QTYPES,
+                            vqa_objects=vqa_objects)
     typer.echo(json.dumps(summary))
 
 

@@ -342,6 +342,12 @@ class VARGPTConfig:
     # the same inputs (`vargpt.training.objective.guided_bit_loss`): guidance flips copied bits the conditional row
     # is less sure of than the unconditional one (docs/training.md, session 24); 0 = none
     guided_loss_weight: float = 0.0
+    # deep supervision of the text loss: the same CE is also taken at the output of LLM block `early_exit_layer`
+    # (1-based, through the final norm and lm_head) with weight `early_exit_weight`, so the look-up of a named object
+    # happens early and the later blocks are free for a second look-up and a comparison ("Is A left of B?";
+    # docs/training.md, session 26); 0 = none
+    early_exit_layer: int = 0
+    early_exit_weight: float = 0.0
 
     def validate(self) -> VARGPTConfig:
         self.vision.validate()
@@ -359,6 +365,11 @@ class VARGPTConfig:
                "'token' or 'sample'")
         _check(self.copy_gate_loss_weight >= 0, "", "copy_gate_loss_weight", self.copy_gate_loss_weight, ">= 0")
         _check(self.guided_loss_weight >= 0, "", "guided_loss_weight", self.guided_loss_weight, ">= 0")
+        _check(0 <= self.early_exit_layer < self.llm.num_hidden_layers, "", "early_exit_layer", self.early_exit_layer,
+               f"0 (none) or a block before the last, 1..{self.llm.num_hidden_layers - 1}")
+        _check(self.early_exit_weight >= 0, "", "early_exit_weight", self.early_exit_weight, ">= 0")
+        _check(not self.early_exit_weight or self.early_exit_layer, "", "early_exit_weight", self.early_exit_weight,
+               "0 while early_exit_layer is 0 (set the block to supervise)")
         return self
 
     # ---- JSON round-trip

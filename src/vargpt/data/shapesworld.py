@@ -63,6 +63,7 @@ TASKS: tuple[str, ...] = ("caption", "vqa", "t2i", "edit", "dpo")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 CATEGORIES: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+QTYPES: tuple[str, ...] = ("exist", "count", "colour", "shape", "where", "relative")
 EDIT_KINDS: tuple[str, ...] = ("recolour", "move", "add", "remove", "resize", "swap")
 NUMBERS: tuple[str, ...] = ("zero", "one", "two", "three", "four")
 
@@ -556,12 +557,15 @@ def caption(scene: Scene, rng: random.Random) -> str:
     return text[0].upper() + text[1:]
 
 
-def question(scene: Scene, rng: random.Random, *, train: bool) -> tuple[str, str, str]:
-    """(question type, question, answer) about `scene`."""
+def question(scene: Scene, rng: random.Random, *, train: bool,
+             qtypes: Sequence[str] = QTYPES) -> tuple[str, str, str]:
+    """(question type, question, answer) about `scene`, of one of `qtypes` ("relative" needs two objects)."""
     allowed = _allowed(train)
     objs = scene.objects
-    qtype = rng.choice(("exist", "count", "colour", "shape", "where", "relative") if len(objs) > 1
-                       else ("exist", "count", "colour", "shape", "where"))
+    types = tuple(t for t in QTYPES if t in qtypes and (t != "relative" or len(objs) > 1))
+    if not types:
+        raise InputError(f"no question of type(s) {', '.join(qtypes)} fits a scene of {len(objs)} object(s)")
+    qtype = rng.choice(types)
     o = rng.choice(objs)
     if qtype == "exist":
         present = {(x.shape, x.colour) for x in objs}
@@ -599,7 +603,8 @@ def record_rng(seed: int, split: str, index: int) -> random.Random:
 
 def make_record(index: int, *, split: str, seed: int = 0, size: int = 64, tasks: Sequence[str] = TASKS,
                 t2i_layout: str = "random", vqa_turns: int = 1, position_colours: float = 0.0,
-                categories: Sequence[str] = CATEGORIES) -> tuple[dict[str, Any], dict[str, Image.Image]]:
+                categories: Sequence[str] = CATEGORIES, qtypes: Sequence[str] = QTYPES,
+                vqa_objects: int | None = None) -> tuple[dict[str, Any], dict[str, Image.Image]]:
     """Record `index` of a split and its images ({relative path: image}); pure function of its arguments.
 
     ``t2i_layout="canonical"``: text-to-image targets are `canonical_scene` (the prompt is drawn the same way).
@@ -610,6 +615,9 @@ def make_record(index: int, *, split: str, seed: int = 0, size: int = 64, tasks:
     ``vqa_turns=k``: a question record is a conversation of k distinct questions about its picture (the first turn
     is the single-turn record's; meta ``qtype`` is the first one's, ``qtypes`` all of them). One picture then trains
     k answers for the price of one image encoding.
+    ``qtypes``: the question types a question record asks (default: all six); ``vqa_objects=n``: question and
+    caption pictures hold exactly n objects (default: 1-4 at random). E.g. ``qtypes=("relative",), vqa_objects=2``
+    for "Is A left of B?" about two objects only.
     """
     if vqa_turns < 1:
         raise InputError(f"vqa_turns must be at least 1 (got {vqa_turns})")
@@ -620,31 +628,32 @@ def make_record(index: int, *, split: str, seed: int = 0, size: int = 64, tasks:
     if not 0.0 <= position_colours <= 1.0:
         raise InputError(f"position_colours is a probability in [0, 1] (got {position_colours})")
     _check_categories(categories)
+    _check_questions(qtypes, vqa_objects)
     rng = record_rng(seed, split, index)
     train = split == "train"
     task = tasks[index % len(tasks)]
     stem = f"images/{index:06d}"
     rid = f"{split}-{index:06d}"
     if task in ("caption", "vqa"):
-        scene = sample_scene(rng, allowed=_allowed(train))
+        scene = sample_scene(rng, n_objects=vqa_objects, allowed=_allowed(train))
         if task == "caption":
             messages, meta = [{"role": "user", "content": "<image>\nDescribe the image."},
                               {"role": "assistant", "content": caption(scene, rng)}], {}
         else:
-            qtype, q, a = question(scene, rng, train=train)
+            qtype, q, a = question(scene, rng, train=train, qtypes=qtypes)
             messages, meta = [{"role": "user", "content": f"<image>\n{q}"}, {"role": "assistant", "content": a}], \
                 {"qtype": qtype}
             if vqa_turns > 1:
-                asked, qtypes = {q}, [qtype]
+                asked, asked_types = {q}, [qtype]
                 for _ in range(50 * vqa_turns):  # small scenes have few distinct questions: stop trying, not hang
                     if len(asked) == vqa_turns:
                         break
-                    qtype, q, a = question(scene, rng, train=train)
+                    qtype, q, a = question(scene, rng, train=train, qtypes=qtypes)
                     if q not in asked:
                         asked.add(q)
-                        qtypes.append(qtype)
+                        asked_types.append(qtype)
                         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-                meta["qtypes"] = qtypes
+                meta["qtypes"] = asked_types
         images = {f"{stem}.png": render(scene, size)}
         meta["heldout"] = uses_heldout([scene])
         return _record(rid, task, messages, list(images), scene, meta), images
@@ -688,6 +697,20 @@ def _check_categories(categories: Sequence[str]) -> None:
                          f"{', '.join(CATEGORIES)}")
 
 
+def _check_questions(qtypes: Sequence[str], vqa_objects: int | None) -> None:
+    if isinstance(qtypes, str):
+        raise InputError(f"qtypes is a sequence of names, e.g. ({qtypes!r},), not the string {qtypes!r}")
+    bad = [q for q in qtypes if q not in QTYPES]
+    if bad or not qtypes:
+        raise InputError(f"unknown question type(s) {', '.join(bad) or '(none given)'}; choose from "
+                         f"{', '.join(QTYPES)}")
+    if vqa_objects is not None and not 1 <= vqa_objects <= MAX_OBJECTS:
+        raise InputError(f"vqa_objects is 1-{MAX_OBJECTS} objects per picture (got {vqa_objects})")
+    if set(qtypes) == {"relative"} and (vqa_objects or 1) < 2:
+        raise InputError("relative questions alone need pictures of two or more objects: give vqa_objects "
+                         f"(--vqa-objects) 2-{MAX_OBJECTS}")
+
+
 def _record(rid: str, task: str, messages: list[dict[str, str]], images: list[str], scene: Scene,
             meta: dict[str, Any]) -> dict[str, Any]:
     return {"id": rid, "task": task, "messages": messages, "images": images, "scene": scene.to_dict(), "meta": meta}
@@ -696,6 +719,7 @@ def _record(rid: str, task: str, messages: list[dict[str, str]], images: list[st
 def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 64, seed: int = 0,
                   tasks: Sequence[str] = TASKS, t2i_layout: str = "random", vqa_turns: int = 1,
                   position_colours: float = 0.0, categories: Sequence[str] = CATEGORIES,
+                  qtypes: Sequence[str] = QTYPES, vqa_objects: int | None = None,
                   progress: bool = True) -> dict[str, Any]:
     """Write `n` records to ``out/records.jsonl`` and their PNGs under ``out/images``; returns a summary."""
     from tqdm import tqdm
@@ -708,6 +732,7 @@ def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 
     if bad or not tasks:
         raise InputError(f"unknown task(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(TASKS)}")
     _check_categories(categories)
+    _check_questions(qtypes, vqa_objects)
     out = Path(out)
     try:
         (out / "images").mkdir(parents=True, exist_ok=True)
@@ -719,7 +744,8 @@ def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 
     with tmp.open("w") as f:
         for i in tqdm(range(n), desc=f"shapesworld {split}", unit="rec", disable=not progress):
             rec, images = make_record(i, split=split, seed=seed, size=size, tasks=tasks, t2i_layout=t2i_layout,
-                                      vqa_turns=vqa_turns, position_colours=position_colours, categories=categories)
+                                      vqa_turns=vqa_turns, position_colours=position_colours, categories=categories,
+                                      qtypes=qtypes, vqa_objects=vqa_objects)
             for rel, img in images.items():
                 img.save(out / rel, format="PNG", optimize=False)
             f.write(json.dumps(rec, separators=(",", ":")) + "\n")
@@ -727,8 +753,8 @@ def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 
             heldout += bool(rec["meta"]["heldout"])
     os.replace(tmp, out / "records.jsonl")
     return {"out": str(out), "records": n, "split": split, "size": size, "seed": seed, "t2i_layout": t2i_layout,
-            "vqa_turns": vqa_turns, "position_colours": position_colours,
-            "categories": list(categories), "tasks": dict(sorted(counts.items())),
+            "vqa_turns": vqa_turns, "position_colours": position_colours, "categories": list(categories),
+            "qtypes": list(qtypes), "vqa_objects": vqa_objects, "tasks": dict(sorted(counts.items())),
             "heldout_records": heldout}
 
 
@@ -743,7 +769,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 __all__ = ["CANONICAL_CELLS", "CANONICAL_COLOUR", "CATEGORIES", "EDIT_KINDS", "HELDOUT_COMPOSITIONS", "HELDOUT_PAIRS",
-           "LAYOUTS", "TASKS", "EditSpec", "ObjSpec", "PromptSpec", "Ref", "apply_edit", "canonical_scene", "caption",
-           "corrupt", "edit_text", "make_record", "parse_edit", "parse_prompt", "prompt_text", "question",
+           "LAYOUTS", "QTYPES", "TASKS", "EditSpec", "ObjSpec", "PromptSpec", "Ref", "apply_edit", "canonical_scene",
+           "caption", "corrupt", "edit_text", "make_record", "parse_edit", "parse_prompt", "prompt_text", "question",
            "read_records", "relation_holds", "resolve_ref", "sample_edit", "sample_prompt", "scene_for_prompt",
            "spec_matches", "unique_ref", "write_dataset"]

@@ -27,16 +27,20 @@ ignored.
 
 Differences from the published implementation: the text loss is by default over the answer tokens only
 (``compat.published_text_loss`` restores the published whole-sequence loss of generation rows), per token or per
-sample (``text_loss_mean``); lm_head is applied only at supervised positions (same value, less memory).
+sample (``text_loss_mean``); lm_head is applied only at supervised positions (same value, less memory). With
+``early_exit_weight`` the text CE is also taken at an earlier LLM block (deep supervision, not published; reported
+as ``early_loss``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from vargpt.errors import InputError
 from vargpt.models.generation import image_only_prompt_ids, null_prompt_ids
@@ -167,13 +171,33 @@ def text_ce(model: VARGPT, hidden_BSH: Tensor, labels_BS: Tensor) -> Tensor:
     return (per_sample[labelled] / counts[labelled]).mean()
 
 
+@contextmanager
+def _block_output(model: VARGPT, layer: int) -> Iterator[dict[str, Tensor]]:
+    """Holds the output hidden states of LLM block ``layer`` (1-based; 0: nothing) of forwards run inside, under
+    ``"h"`` (the last forward's)."""
+    store: dict[str, Tensor] = {}
+    if not layer:
+        yield store
+        return
+
+    def keep(module: nn.Module, inputs: Any, output: Any) -> None:
+        store["h"] = output[0] if isinstance(output, tuple) else output
+
+    handle = model.vlm.model.language_model.layers[layer - 1].register_forward_hook(keep)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
 def training_losses(model: VARGPT, batch: dict[str, Any], *,
                     generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """Teacher-forced losses of a training batch (protocol in the module docstring)."""
     cfg = model.config
     if generator is None:
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
-    out, batch = teacher_forced(model, batch, noisy=True, generator=generator)
+    with _block_output(model, cfg.early_exit_layer if cfg.early_exit_weight else 0) as early:
+        out, batch = teacher_forced(model, batch, noisy=True, generator=generator)
     labels = batch["labels"]
     if cfg.compat.published_text_loss:
         gen_rows = (batch["input_ids"] == cfg.tokens.image_gen_pad).any(1, keepdim=True)
@@ -182,6 +206,9 @@ def training_losses(model: VARGPT, batch: dict[str, Any], *,
     bit = (bit_loss(out.gen_logits_BLV, out.bit_labels_BLD, reduction=cfg.compat.bit_loss, schedule=out.schedule)
            if out.gen_logits_BLV is not None else text.new_zeros(()))
     losses = {"loss": cfg.text_loss_weight * text + cfg.bit_loss_weight * bit, "text_loss": text, "bit_loss": bit}
+    if early:
+        losses["early_loss"] = text_ce(model, model.vlm.model.language_model.norm(early["h"]), labels)
+        losses["loss"] = losses["loss"] + cfg.text_loss_weight * cfg.early_exit_weight * losses["early_loss"]
     if cfg.guided_loss_weight:
         losses["guided_loss"] = guided_bit_loss(model, out, batch)
         losses["loss"] = losses["loss"] + cfg.guided_loss_weight * losses["guided_loss"]
