@@ -688,22 +688,21 @@ def make_record(index: int, *, split: str, seed: int = 0, size: int = 64, tasks:
     return rec, images
 
 
+def _check_names(values: Sequence[str], known: Sequence[str], arg: str, what: str) -> None:
+    """`values` is a non-empty sequence (not a bare string) of names from `known`."""
+    if isinstance(values, str):
+        raise InputError(f"{arg} is a sequence of names, e.g. ({values!r},), not the string {values!r}")
+    bad = [v for v in values if v not in known]
+    if bad or not values:
+        raise InputError(f"unknown {what} {', '.join(bad) or '(none given)'}; choose from {', '.join(known)}")
+
+
 def _check_categories(categories: Sequence[str]) -> None:
-    if isinstance(categories, str):
-        raise InputError(f"categories is a sequence of names, e.g. ({categories!r},), not the string {categories!r}")
-    bad = [c for c in categories if c not in CATEGORIES]
-    if bad or not categories:
-        raise InputError(f"unknown prompt categor(ies) {', '.join(bad) or '(none given)'}; choose from "
-                         f"{', '.join(CATEGORIES)}")
+    _check_names(categories, CATEGORIES, "categories", "prompt categor(ies)")
 
 
 def _check_questions(qtypes: Sequence[str], vqa_objects: int | None) -> None:
-    if isinstance(qtypes, str):
-        raise InputError(f"qtypes is a sequence of names, e.g. ({qtypes!r},), not the string {qtypes!r}")
-    bad = [q for q in qtypes if q not in QTYPES]
-    if bad or not qtypes:
-        raise InputError(f"unknown question type(s) {', '.join(bad) or '(none given)'}; choose from "
-                         f"{', '.join(QTYPES)}")
+    _check_names(qtypes, QTYPES, "qtypes", "question type(s)")
     if vqa_objects is not None and not 1 <= vqa_objects <= MAX_OBJECTS:
         raise InputError(f"vqa_objects is 1-{MAX_OBJECTS} objects per picture (got {vqa_objects})")
     if set(qtypes) == {"relative"} and (vqa_objects or 1) < 2:
