@@ -15,12 +15,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-LATER_EDITS = ("understanding2", "edit2", "edit3", "edit4")  # stages a chain may lack
+LATER_EDITS = ("understanding2", "understanding3", "edit2", "edit3", "edit4")  # stages a chain may lack
 # (run, csv, x column, [(y column, label)], log y)
 PANELS = [
     ("vae", "log.csv", "step", [("psnr_db", "train PSNR (dB)")], False),
     ("understanding", "metrics.csv", "step", [("loss", "answer loss")], True),
     ("understanding2", "metrics.csv", "step", [("text_loss", "answer loss"), ("early_loss", "after block 2")], True),
+    ("understanding3", "metrics.csv", "step", [("text_loss", "answer loss"), ("early_loss", "after block 2")], True),
     ("gen", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
     ("edit", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
     ("edit2", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),

@@ -3,7 +3,7 @@
 #   ShapesWorld data (64 px) + tiny BPE tokenizer
 #   -> in parallel: the patch VAE (`vargpt train vae`, one core) | vision-tower pretraining on dense scene labels
 #      (`python -m vargpt.training.embedded vision`) then understanding SFT (recipes/tiny/understanding.yaml, then
-#      recipes/tiny/understanding2.yaml: "relative" questions, with deep supervision)
+#      twice recipes/tiny/understanding2.yaml: "relative" questions, with deep supervision; stages understanding2, 3)
 #   -> text-to-image SFT (recipes/tiny/gen.yaml) -> editing SFT (recipes/tiny/edit.yaml, then three times
 #      recipes/tiny/edit2.yaml: stages edit2, edit3, edit4), each on two processes
 #   -> on-policy edit preferences + DPO (recipes/tiny/dpo.yaml) -> `vargpt eval` on held-out records
@@ -97,6 +97,9 @@ run_stage understanding "$(model_done "$ROOT/understanding")" train understandin
 run_stage understanding2 "$(model_done "$ROOT/understanding2")" train understanding2 "$ROOT/understanding2" \
     "model.checkpoint=$ROOT/understanding/model" "model.tokenizer=$ROOT/tokenizer" "data.sources.0.path=$DATA/und64" \
     "data.sources.1.path=$DATA/rel64"
+run_stage understanding3 "$(model_done "$ROOT/understanding3")" train understanding2 "$ROOT/understanding3" \
+    "model.checkpoint=$ROOT/understanding2/model" "model.tokenizer=$ROOT/tokenizer" "data.sources.0.path=$DATA/und64" \
+    "data.sources.1.path=$DATA/rel64" max_steps=2000  # the same recipe again, 2,000 steps (a fresh cosine)
 if [[ -n $VAE_PID ]]; then
     wait "$VAE_PID" || { echo "the VAE failed: see $ROOT/vae.log" >&2; exit 1; }
     echo "== vae: done ($(tail -c 300 "$ROOT/vae.log" | tr '\r' '\n' | tail -1))" | tee -a "$ROOT/build.log"
@@ -104,7 +107,7 @@ fi
 
 # ---- text-to-image SFT, then editing SFT from it (edits from a DPO model lost position: docs/training.md); each on
 #      two processes (batch 8 each)
-NPROC=2 run_stage gen "$(model_done "$ROOT/gen")" train gen "$ROOT/gen" "model.checkpoint=$ROOT/understanding2/model" \
+NPROC=2 run_stage gen "$(model_done "$ROOT/gen")" train gen "$ROOT/gen" "model.checkpoint=$ROOT/understanding3/model" \
     "model.vae=$ROOT/vae" "data.sources.0.path=$DATA/t2i64" "data.sources.1.path=$DATA/und64" \
     "data.sources.2.path=$DATA/pos64"
 NPROC=2 run_stage edit "$(model_done "$ROOT/edit")" train edit "$ROOT/edit" "model.checkpoint=$ROOT/gen/model" \
