@@ -94,16 +94,17 @@ run_stage vision "$(model_done "$ROOT/vision")" "$PYTHON" -m vargpt.training.emb
     --recipe recipes/tiny/understanding.yaml --out "$ROOT/vision" --steps "$VISION_STEPS" "model.tokenizer=$ROOT/tokenizer"
 run_stage understanding "$(model_done "$ROOT/understanding")" train understanding "$ROOT/understanding" \
     "model.checkpoint=$ROOT/vision/model" "model.tokenizer=$ROOT/tokenizer" "data.sources.0.path=$DATA/und64"
-run_stage understanding2 "$(model_done "$ROOT/understanding2")" train understanding2 "$ROOT/understanding2" \
-    "model.checkpoint=$ROOT/understanding/model" "model.tokenizer=$ROOT/tokenizer" "data.sources.0.path=$DATA/und64" \
-    "data.sources.1.path=$DATA/rel64"
-run_stage understanding3 "$(model_done "$ROOT/understanding3")" train understanding2 "$ROOT/understanding3" \
-    "model.checkpoint=$ROOT/understanding2/model" "model.tokenizer=$ROOT/tokenizer" "data.sources.0.path=$DATA/und64" \
-    "data.sources.1.path=$DATA/rel64" max_steps=2000  # the same recipe again, 2,000 steps (a fresh cosine)
-if [[ -n $VAE_PID ]]; then
+if [[ -n $VAE_PID ]]; then  # the VAE has finished by now (about 26 min against 46): both cores for what follows
     wait "$VAE_PID" || { echo "the VAE failed: see $ROOT/vae.log" >&2; exit 1; }
     echo "== vae: done ($(tail -c 300 "$ROOT/vae.log" | tr '\r' '\n' | tail -1))" | tee -a "$ROOT/build.log"
 fi
+# "relative" questions: two processes of 16 rows (the recipe's batch of 32 in all), then the same recipe again
+NPROC=2 run_stage understanding2 "$(model_done "$ROOT/understanding2")" train understanding2 "$ROOT/understanding2" \
+    "model.checkpoint=$ROOT/understanding/model" "model.tokenizer=$ROOT/tokenizer" "data.sources.0.path=$DATA/und64" \
+    "data.sources.1.path=$DATA/rel64" batch_size=16
+NPROC=2 run_stage understanding3 "$(model_done "$ROOT/understanding3")" train understanding2 "$ROOT/understanding3" \
+    "model.checkpoint=$ROOT/understanding2/model" "model.tokenizer=$ROOT/tokenizer" "data.sources.0.path=$DATA/und64" \
+    "data.sources.1.path=$DATA/rel64" batch_size=16 max_steps=2000  # 2,000 steps more (a fresh cosine)
 
 # ---- text-to-image SFT, then editing SFT from it (edits from a DPO model lost position: docs/training.md); each on
 #      two processes (batch 8 each)
