@@ -9,7 +9,8 @@ For the runs of `scripts/build_embedded_default.sh` under ROOT:
 * editing SFT: edit success and text-to-image score before (the model its first stage started from) and after (its
   last stage: the latest of edit4, edit3, edit2 the chain has, else edit), per seed; and each later editing stage
   against the one it started from;
-* understanding: VQA accuracy of the final model (the last stage of the chain).
+* understanding: VQA accuracy of every understanding stage the chain has and of the final model (the last stage):
+  what the later stages keep of it.
 All at ``--size`` (default 64, the resolution every stage trains at), on the test split.
 
     python benchmarks/stage_gains.py --root runs/tiny --n 64 --seeds 0 1 2 --json benchmarks/stage_gains.json
@@ -31,7 +32,9 @@ from vargpt.models.vargpt import VARGPT
 from vargpt.pipeline import VARGPTPipeline
 from vargpt.training.recipe import load_recipe
 
-STAGES = ("understanding", "gen", "edit", "edit2", "edit3", "edit4", "dpo")  # the chain's order; the last is shipped
+STAGES = ("understanding", "understanding2", "understanding3", "gen", "edit", "edit2", "edit3", "edit4", "dpo")
+# the chain's order; the last is shipped
+LATER_UNDERSTANDING = ("understanding2", "understanding3")  # optional stages
 LATER_EDITS = ("edit2", "edit3", "edit4")  # optional stages
 
 
@@ -69,7 +72,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=Path("stage_gains.json"))
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    stages = [s for s in STAGES if s not in LATER_EDITS or (args.root / s / "model").is_dir()]
+    optional = LATER_UNDERSTANDING + LATER_EDITS
+    stages = [s for s in STAGES if s not in optional or (args.root / s / "model").is_dir()]
     model_dir = {s: args.root / s / "model" for s in stages}
     report: dict = {"root": str(args.root), "n": args.n, "seeds": args.seeds, "size": args.size,
                     "loss": {s: loss_trend(args.root / s, args.window) for s in stages}}
@@ -102,8 +106,10 @@ def main() -> None:
                           "t2i_before": scores["t2i", start["edit"]], "t2i_after": scores["t2i", last_edit]}
     for s in later:
         report[s] = {"before": scores["edit", start[s]], "after": scores["edit", s]}
-    report["vqa_final"] = tasks.evaluate_vqa(VARGPTPipeline.from_pretrained(model_dir[stages[-1]], progress=False),
-                                             tasks.vqa_cases(args.n, size=args.size))
+    vqa_cases = tasks.vqa_cases(args.n, size=args.size)
+    report["vqa"] = {s: tasks.evaluate_vqa(VARGPTPipeline.from_pretrained(model_dir[s], progress=False), vqa_cases)
+                     for s in (*(s for s in stages if s.startswith("understanding")), stages[-1])}
+    report["vqa_final"] = report["vqa"][stages[-1]]
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     def fmt(score: dict) -> str:
         return f"{score['mean']:.3f} (seeds {score['min']:.3f}..{score['max']:.3f})"
@@ -114,7 +120,7 @@ def main() -> None:
         "dpo edit before/after": [fmt(report["dpo"][k]["score"]) for k in ("edit_before", "edit_after")],
         "edit before/after": [fmt(report["edit_sft"][k]["score"]) for k in ("before", "after")],
         "edit-sft t2i before/after": [fmt(report["edit_sft"][k]["score"]) for k in ("t2i_before", "t2i_after")],
-        "vqa final": report["vqa_final"]["accuracy"],
+        "vqa by stage": {s: v["accuracy"] for s, v in report["vqa"].items()},
     }
     for s in LATER_EDITS:
         if s in report:
