@@ -5,7 +5,8 @@
 #      (`python -m vargpt.training.embedded vision`) then understanding SFT (recipes/tiny/understanding.yaml, then
 #      twice recipes/tiny/understanding2.yaml: "relative" questions, with deep supervision; stages understanding2, 3)
 #   -> text-to-image SFT (recipes/tiny/gen.yaml) -> editing SFT (recipes/tiny/edit.yaml, then three times
-#      recipes/tiny/edit2.yaml: stages edit2, edit3, edit4), each on two processes
+#      recipes/tiny/edit2.yaml: stages edit2, edit3, edit4), each on two processes, each with a share of the
+#      "relative" questions (rel64) beside the understanding rows
 #   -> on-policy edit preferences + DPO (recipes/tiny/dpo.yaml) -> `vargpt eval` on held-out records
 #   -> (INSTALL=1) into the package.
 #
@@ -110,14 +111,15 @@ NPROC=2 run_stage understanding3 "$(model_done "$ROOT/understanding3")" train un
 #      two processes (batch 8 each)
 NPROC=2 run_stage gen "$(model_done "$ROOT/gen")" train gen "$ROOT/gen" "model.checkpoint=$ROOT/understanding3/model" \
     "model.vae=$ROOT/vae" "data.sources.0.path=$DATA/t2i64" "data.sources.1.path=$DATA/und64" \
-    "data.sources.2.path=$DATA/pos64"
+    "data.sources.2.path=$DATA/pos64" "data.sources.3.path=$DATA/rel64"
 NPROC=2 run_stage edit "$(model_done "$ROOT/edit")" train edit "$ROOT/edit" "model.checkpoint=$ROOT/gen/model" \
-    "data.sources.0.path=$DATA/edit64" "data.sources.1.path=$DATA/t2i64" "data.sources.2.path=$DATA/und64"
+    "data.sources.0.path=$DATA/edit64" "data.sources.1.path=$DATA/t2i64" "data.sources.2.path=$DATA/und64" \
+    "data.sources.3.path=$DATA/rel64"
 prev=edit
 for stage in edit2 edit3 edit4; do  # three more editing stages of 3,000 steps, each from the one before (a fresh cosine)
     NPROC=2 run_stage "$stage" "$(model_done "$ROOT/$stage")" train edit2 "$ROOT/$stage" \
         "model.checkpoint=$ROOT/$prev/model" "data.sources.0.path=$DATA/edit64" "data.sources.1.path=$DATA/t2i64" \
-        "data.sources.2.path=$DATA/und64"
+        "data.sources.2.path=$DATA/und64" "data.sources.3.path=$DATA/rel64"
     prev=$stage
 done
 
