@@ -32,8 +32,8 @@ from vargpt.models.vargpt import VARGPT
 from vargpt.pipeline import VARGPTPipeline
 from vargpt.training.recipe import load_recipe
 
-STAGES = ("understanding", "understanding2", "understanding3", "gen", "edit", "edit2", "edit3", "edit4", "dpo")
 # the chain's order; the last is shipped
+STAGES = ("understanding", "understanding2", "understanding3", "gen", "edit", "edit2", "edit3", "edit4", "dpo")
 LATER_UNDERSTANDING = ("understanding2", "understanding3")  # optional stages
 LATER_EDITS = ("edit2", "edit3", "edit4")  # optional stages
 
