@@ -15,7 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-LATER_EDITS = ("understanding2", "understanding3", "edit2", "edit3", "edit4")  # stages a chain may lack
+# stages a chain may lack
+LATER_EDITS = ("understanding2", "understanding3", "edit2", "edit3", "edit4", "edit5", "edit6")
 # (run, csv, x column, [(y column, label)], log y)
 PANELS = [
     ("vae", "log.csv", "step", [("psnr_db", "train PSNR (dB)")], False),
@@ -27,6 +28,8 @@ PANELS = [
     ("edit2", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
     ("edit3", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
     ("edit4", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
+    ("edit5", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
+    ("edit6", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
     ("dpo", "metrics.csv", "step", [("loss", "DPO loss"), ("rewards_accuracy", "reward accuracy")], False),
 ]
 

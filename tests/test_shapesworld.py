@@ -322,3 +322,28 @@ def test_question_types_and_object_count_restrict_question_records(tmp_path):
     summary = write_dataset(tmp_path / "rel", n=4, tasks=("vqa",), qtypes=("relative",), vqa_objects=2,
                             progress=False)
     assert summary["qtypes"] == ["relative"] and summary["vqa_objects"] == 2
+
+
+def test_edit_kinds_restrict_edit_records_and_default_to_all(tmp_path):
+    from vargpt.data.shapesworld import edit_fits
+
+    swaps = [make_record(i, split="train", tasks=("edit",), edit_kinds=("swap",))[0] for i in range(20)]
+    for r in swaps:  # one-object scenes fit no swap: they are drawn again
+        assert r["meta"]["category"] == "swap" and len(r["scene"]["objects"]) >= 2
+        src, tgt = Scene.from_dict(r["scene"]), Scene.from_dict(r["meta"]["target_scene"])
+        i, j = [k for k, (a, b) in enumerate(zip(src.objects, tgt.objects, strict=True)) if a.cell != b.cell]
+        assert (tgt.objects[i].cell, tgt.objects[j].cell) == (src.objects[j].cell, src.objects[i].cell)
+    kinds = {make_record(i, split="train", tasks=("edit",), edit_kinds=("move", "swap"))[0]["meta"]["category"]
+             for i in range(40)}
+    assert kinds == {"move", "swap"}
+    for i in range(20):  # the default is every kind, byte for byte as before the option existed
+        assert make_record(i, split="train", tasks=("edit",), edit_kinds=EDIT_KINDS) == \
+            make_record(i, split="train", tasks=("edit",))
+    one = Scene((Obj("circle", "red", "small", 0.5, 0.5),), "white")
+    assert not edit_fits("swap", one) and not edit_fits("remove", one) and edit_fits("move", one)
+    with pytest.raises(InputError, match="no edit of kind"):
+        sample_edit(one, random.Random(0), train=True, kinds=("swap", "remove"))
+    with pytest.raises(InputError, match="edit kind"):
+        make_record(0, split="train", tasks=("edit",), edit_kinds=("rotate",))
+    summary = write_dataset(tmp_path / "ms", n=4, tasks=("edit",), edit_kinds=("move",), progress=False)
+    assert summary["edit_kinds"] == ["move"] and summary["tasks"] == {"edit": 4}

@@ -80,6 +80,23 @@ def test_bit_logprob_sums_and_matches_mean_loss():
     assert zero.item() == pytest.approx(6 * math.log(0.5))
 
 
+def test_bit_logprob_scale_weights_tie_to_the_scale_reweighted_loss():
+    torch.manual_seed(0)
+    schedule = [(1, 1, 1), (1, 2, 2), (1, 3, 3)]  # 14 tokens
+    logits, bits = torch.randn(2, 14, 4, 2), torch.randint(0, 2, (2, 14, 4))
+    w_L = scale_weights(schedule) * 14
+    lp = bit_logprob(logits, bits, weights_L=w_L)
+    # the weighted sum over tokens and bits is minus the scale-reweighted loss, times tokens x bits
+    assert (-lp.mean() / (14 * 4)).item() == pytest.approx(
+        bit_loss(logits, bits, reduction="scale_reweighted", schedule=schedule).item(), rel=1e-5)
+    assert torch.allclose(bit_logprob(logits, bits, weights_L=torch.ones(14)), bit_logprob(logits, bits))
+    coarse = torch.zeros(14)
+    coarse[0] = 1.0  # only the 1x1 scale counts
+    assert torch.allclose(bit_logprob(logits, bits, weights_L=coarse), bit_logprob(logits[:, :1], bits[:, :1]))
+    with pytest.raises(ValueError, match="token weights"):
+        bit_logprob(logits, bits, weights_L=torch.ones(13))
+
+
 def test_dpo_sigmoid_by_hand_and_sign_conventions():
     pol_c, pol_r, ref_c, ref_r = (torch.tensor([v]) for v in (-10.0, -12.0, -11.0, -11.0))
     res = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=0.1)

@@ -43,7 +43,7 @@ def test_shipped_recipe_set_is_complete():
     assert {"stage1_projector_pretrain", "stage2_instruction_tuning", "stage3a_256px", "stage3b_512px",
             "stage3c_dpo", "stage3d_edit"} == names
     assert {p.stem for p in (RECIPES / "tiny").glob("*.yaml")} == {"understanding", "understanding2", "gen", "dpo",
-                                                                 "edit", "edit2"}
+                                                                 "edit", "edit2", "edit5"}
     r = load_recipe(RECIPES / "stage3a_256px.yaml")  # shipped SFT yaml values (reference-facts 8.4)
     assert (r.optim.lr, r.schedule.kind, r.schedule.warmup_ratio, r.grad_accum, r.precision, r.max_steps) == (
         5e-5, "cosine", 0.1, 2, "bf16", 40000)

@@ -75,6 +75,14 @@ def test_fixture_d_training_loss(fixtures_dir, fixture_config, record_property):
     logp = image_logprobs(model, batch)
     assert logp.shape == (1,)
     assert logp.item() == pytest.approx(-losses["bit_loss"].item() * 521 * 32, rel=1e-4)
+    # scale-weighted (DPO's dpo.scale_weighted): the same tie to Infinity's scale-reweighted bit loss
+    model.config.compat.bit_loss = "scale_reweighted"
+    try:
+        reweighted = training_losses(model, batch)["bit_loss"].item()
+    finally:
+        model.config.compat.bit_loss = c.compat.bit_loss
+    assert image_logprobs(model, batch, scale_weighted=True).item() == pytest.approx(-reweighted * 521 * 32, rel=1e-4)
+    assert reweighted != pytest.approx(losses["bit_loss"].item(), rel=1e-3)
     # our default text loss (answer tokens only) differs from the published whole-sequence one
     model.config.compat.published_text_loss = False
     try:

@@ -89,16 +89,19 @@ def data_shapesworld(
                                         "(default: all six: exist,count,colour,shape,where,relative).")] = "",
     vqa_objects: Annotated[int | None, typer.Option("--vqa-objects", min=1, help="Objects in each caption and vqa "
                                                     "picture (default: 1-4 at random).")] = None,
+    edit_kinds: Annotated[str, typer.Option("--edit-kinds", help="Comma-separated edit kinds of the edit records "
+                                            "(default: all six: recolour,move,add,remove,resize,swap).")] = "",
 ) -> None:
     """Write a ShapesWorld dataset: DIR/records.jsonl and the images beside it."""
-    from vargpt.data.shapesworld import CATEGORIES, QTYPES, TASKS, write_dataset
+    from vargpt.data.shapesworld import CATEGORIES, EDIT_KINDS, QTYPES, TASKS, write_dataset
 
     chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) or TASKS
     cats = tuple(c.strip() for c in categories.split(",") if c.strip()) or CATEGORIES
     summary = write_dataset(out, n=n, split=split, size=size, seed=seed, tasks=chosen, t2i_layout=t2i_layout,
                             vqa_turns=vqa_turns, position_colours=position_colours, categories=cats,
                             qtypes=tuple(q.strip() for q in qtypes.split(",") if q.strip()) or QTYPES,
-                            vqa_objects=vqa_objects)
+                            vqa_objects=vqa_objects,
+                            edit_kinds=tuple(k.strip() for k in edit_kinds.split(",") if k.strip()) or EDIT_KINDS)
     typer.echo(json.dumps(summary))
 
 

@@ -507,14 +507,23 @@ def apply_edit(scene: Scene, spec: EditSpec, rng: random.Random | None = None) -
     return Scene(tuple(objs), scene.background), [i]
 
 
-def sample_edit(scene: Scene, rng: random.Random, *, train: bool) -> tuple[EditSpec, Scene]:
-    """A random feasible edit of `scene` and the edited scene (train: no held-out pair appears)."""
+def edit_fits(kind: str, scene: Scene) -> bool:
+    """Whether an edit of `kind` can apply to `scene` (add and move need a free cell; remove and swap two objects)."""
+    n, free = len(scene.objects), 9 - len({o.cell for o in scene.objects})
+    return {"add": free > 0 and n < MAX_OBJECTS, "move": free > 0, "remove": n > 1, "swap": n > 1}.get(kind, True)
+
+
+def sample_edit(scene: Scene, rng: random.Random, *, train: bool,
+                kinds: Sequence[str] = EDIT_KINDS) -> tuple[EditSpec, Scene]:
+    """A random feasible edit of `scene`, of one of `kinds` (uniformly), and the edited scene (train: no held-out
+    pair appears). Raises `InputError` when no kind fits the scene (`edit_fits`)."""
+    if not any(edit_fits(k, scene) for k in kinds):
+        raise InputError(f"no edit of kind(s) {', '.join(kinds)} fits a scene of {len(scene.objects)} object(s)")
     allowed = _allowed(train)
     free = [c for c in range(9) if c not in {o.cell for o in scene.objects}]
     while True:
-        kind = rng.choice(EDIT_KINDS)
-        if (kind == "add" and (not free or len(scene.objects) >= MAX_OBJECTS)) or \
-                (kind == "remove" and len(scene.objects) < 2) or (kind == "swap" and len(scene.objects) < 2):
+        kind = rng.choice(tuple(kinds))
+        if not edit_fits(kind, scene):
             continue
         if kind == "add":
             new = random_object(rng, rng.choice(free), allowed=allowed)
@@ -529,11 +538,9 @@ def sample_edit(scene: Scene, rng: random.Random, *, train: bool) -> tuple[EditS
             elif kind == "resize":
                 spec = EditSpec(kind, target, size="large" if a.size == "small" else "small")
             elif kind == "move":
-                spec = EditSpec(kind, target, cell=rng.choice(free)) if free else None
+                spec = EditSpec(kind, target, cell=rng.choice(free))
             else:
                 spec = EditSpec(kind, target, other)
-            if spec is None:
-                continue
         edited, _ = apply_edit(scene, spec, rng)
         return spec, edited
 
@@ -604,7 +611,8 @@ def record_rng(seed: int, split: str, index: int) -> random.Random:
 def make_record(index: int, *, split: str, seed: int = 0, size: int = 64, tasks: Sequence[str] = TASKS,
                 t2i_layout: str = "random", vqa_turns: int = 1, position_colours: float = 0.0,
                 categories: Sequence[str] = CATEGORIES, qtypes: Sequence[str] = QTYPES,
-                vqa_objects: int | None = None) -> tuple[dict[str, Any], dict[str, Image.Image]]:
+                vqa_objects: int | None = None,
+                edit_kinds: Sequence[str] = EDIT_KINDS) -> tuple[dict[str, Any], dict[str, Image.Image]]:
     """Record `index` of a split and its images ({relative path: image}); pure function of its arguments.
 
     ``t2i_layout="canonical"``: text-to-image targets are `canonical_scene` (the prompt is drawn the same way).
@@ -618,6 +626,8 @@ def make_record(index: int, *, split: str, seed: int = 0, size: int = 64, tasks:
     ``qtypes``: the question types a question record asks (default: all six); ``vqa_objects=n``: question and
     caption pictures hold exactly n objects (default: 1-4 at random). E.g. ``qtypes=("relative",), vqa_objects=2``
     for "Is A left of B?" about two objects only.
+    ``edit_kinds``: the kinds edit records draw from (default: all six, uniformly where they fit the scene; a scene
+    that fits none of them, e.g. one object for ``("swap",)``, is drawn again).
     """
     if vqa_turns < 1:
         raise InputError(f"vqa_turns must be at least 1 (got {vqa_turns})")
@@ -629,6 +639,7 @@ def make_record(index: int, *, split: str, seed: int = 0, size: int = 64, tasks:
         raise InputError(f"position_colours is a probability in [0, 1] (got {position_colours})")
     _check_categories(categories)
     _check_questions(qtypes, vqa_objects)
+    _check_names(edit_kinds, EDIT_KINDS, "edit_kinds", "edit kind(s)")
     rng = record_rng(seed, split, index)
     train = split == "train"
     task = tasks[index % len(tasks)]
@@ -659,7 +670,9 @@ def make_record(index: int, *, split: str, seed: int = 0, size: int = 64, tasks:
         return _record(rid, task, messages, list(images), scene, meta), images
     if task == "edit":
         scene = sample_scene(rng, allowed=_allowed(train))
-        spec, edited = sample_edit(scene, rng, train=train)
+        while not any(edit_fits(k, scene) for k in edit_kinds):
+            scene = sample_scene(rng, allowed=_allowed(train))
+        spec, edited = sample_edit(scene, rng, train=train, kinds=edit_kinds)
         messages = [{"role": "user", "content": f"<image>\n{edit_text(spec, rng)}"},
                     {"role": "assistant", "content": "<image_gen>"}]
         images = {f"{stem}_src.png": render(scene, size), f"{stem}_tgt.png": render(edited, size)}
@@ -719,7 +732,7 @@ def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 
                   tasks: Sequence[str] = TASKS, t2i_layout: str = "random", vqa_turns: int = 1,
                   position_colours: float = 0.0, categories: Sequence[str] = CATEGORIES,
                   qtypes: Sequence[str] = QTYPES, vqa_objects: int | None = None,
-                  progress: bool = True) -> dict[str, Any]:
+                  edit_kinds: Sequence[str] = EDIT_KINDS, progress: bool = True) -> dict[str, Any]:
     """Write `n` records to ``out/records.jsonl`` and their PNGs under ``out/images``; returns a summary."""
     from tqdm import tqdm
 
@@ -732,6 +745,7 @@ def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 
         raise InputError(f"unknown task(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(TASKS)}")
     _check_categories(categories)
     _check_questions(qtypes, vqa_objects)
+    _check_names(edit_kinds, EDIT_KINDS, "edit_kinds", "edit kind(s)")
     out = Path(out)
     try:
         (out / "images").mkdir(parents=True, exist_ok=True)
@@ -744,7 +758,7 @@ def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 
         for i in tqdm(range(n), desc=f"shapesworld {split}", unit="rec", disable=not progress):
             rec, images = make_record(i, split=split, seed=seed, size=size, tasks=tasks, t2i_layout=t2i_layout,
                                       vqa_turns=vqa_turns, position_colours=position_colours, categories=categories,
-                                      qtypes=qtypes, vqa_objects=vqa_objects)
+                                      qtypes=qtypes, vqa_objects=vqa_objects, edit_kinds=edit_kinds)
             for rel, img in images.items():
                 img.save(out / rel, format="PNG", optimize=False)
             f.write(json.dumps(rec, separators=(",", ":")) + "\n")
@@ -753,8 +767,8 @@ def write_dataset(out: str | Path, *, n: int, split: str = "train", size: int = 
     os.replace(tmp, out / "records.jsonl")
     return {"out": str(out), "records": n, "split": split, "size": size, "seed": seed, "t2i_layout": t2i_layout,
             "vqa_turns": vqa_turns, "position_colours": position_colours, "categories": list(categories),
-            "qtypes": list(qtypes), "vqa_objects": vqa_objects, "tasks": dict(sorted(counts.items())),
-            "heldout_records": heldout}
+            "qtypes": list(qtypes), "vqa_objects": vqa_objects, "edit_kinds": list(edit_kinds),
+            "tasks": dict(sorted(counts.items())), "heldout_records": heldout}
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

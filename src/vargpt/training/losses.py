@@ -102,11 +102,17 @@ def bit_loss(logits: Tensor, bits_BLD: Tensor, *, reduction: Literal["mean", "sc
     return (ce_BLD.mean(-1) * w_L).sum(-1).mean()
 
 
-def bit_logprob(logits: Tensor, bits_BLD: Tensor, *, average: bool = False) -> Tensor:
-    """``[B]``: sum over tokens and bits of log p(label) (``average``: divided by the number of tokens L)."""
+def bit_logprob(logits: Tensor, bits_BLD: Tensor, *, average: bool = False, weights_L: Tensor | None = None
+                ) -> Tensor:
+    """``[B]``: sum over tokens and bits of log p(label) (``average``: divided by the number of tokens L;
+    ``weights_L``: each token's bits weighted, e.g. ``scale_weights(schedule) * L``, coarse scales above fine)."""
     logp_BLD2 = torch.log_softmax(_bit_logits(logits, bits_BLD), dim=-1)
-    picked_BLD = logp_BLD2.gather(-1, bits_BLD.long().unsqueeze(-1)).squeeze(-1)
-    total_B = picked_BLD.sum(dim=(1, 2))
+    picked_BL = logp_BLD2.gather(-1, bits_BLD.long().unsqueeze(-1)).squeeze(-1).sum(-1)
+    if weights_L is not None:
+        if weights_L.numel() != picked_BL.shape[1]:
+            raise ValueError(f"{weights_L.numel()} token weights for {picked_BL.shape[1]} tokens")
+        picked_BL = picked_BL * weights_L.to(picked_BL)
+    total_B = picked_BL.sum(1)
     return total_B / bits_BLD.shape[1] if average else total_B
 
 

@@ -17,7 +17,9 @@ ignored.
   global RNG, so a seeded, resumed trainer replays the same noise).
 * `image_logprobs(model, batch, average=False)` -> [N]: sum over scales, positions and bits of log p(own bit)
   under clean teacher forcing (no self-correction, no condition dropout: deterministic, so reference log-probs can
-  be cached); ``average=True`` divides by the tokens.
+  be cached); ``average=True`` divides by the tokens; ``scale_weighted=True`` weighs each token as Infinity's
+  scale-reweighted bit loss does (sqrt(area_last / area_scale), mean 1), so the coarse scales that lay a picture
+  out count more against the fine ones that hold most of the bits.
 * Condition dropout (consistent unconditional branch, `vargpt.engine`): with probability
   ``decoder.cond_drop_rate`` a generation row's whole prefix (everything before its first
   ``<|image_gen_start|>``, understanding images included) is replaced by the null prompt and its start condition
@@ -46,7 +48,7 @@ from vargpt.errors import InputError
 from vargpt.models.generation import image_only_prompt_ids, null_prompt_ids
 from vargpt.models.vargpt import VARGPT, GenerationForward
 from vargpt.processing import IGNORE_INDEX
-from vargpt.training.losses import bit_logprob, bit_loss, published_text_labels
+from vargpt.training.losses import bit_logprob, bit_loss, published_text_labels, scale_weights
 
 __all__ = ["drop_prompts", "image_logprobs", "teacher_forced", "text_ce", "training_losses"]
 
@@ -229,9 +231,11 @@ def copy_gate_loss(gate_BL: Tensor, source_BLD: Tensor, labels_BLD: Tensor) -> T
     return F.binary_cross_entropy_with_logits(gate_BL[rows], target)
 
 
-def image_logprobs(model: VARGPT, batch: dict[str, Any], *, average: bool = False) -> Tensor:
+def image_logprobs(model: VARGPT, batch: dict[str, Any], *, average: bool = False,
+                   scale_weighted: bool = False) -> Tensor:
     """[N]: log pi of each generation row's target image (clean teacher forcing; see the module docstring)."""
     out, _ = teacher_forced(model, batch)
     if out.gen_logits_BLV is None:
         raise InputError("image_logprobs needs rows with an <image_gen> slot and gen_pixel_values")
-    return bit_logprob(out.gen_logits_BLV, out.bit_labels_BLD, average=average)
+    weights_L = scale_weights(out.schedule) * out.bit_labels_BLD.shape[1] if scale_weighted else None
+    return bit_logprob(out.gen_logits_BLV, out.bit_labels_BLD, average=average, weights_L=weights_L)

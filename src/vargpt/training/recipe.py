@@ -153,6 +153,7 @@ class DPOConfig:
     loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
     label_smoothing: float = 0.0
     cache_reference: bool = True  # compute the reference log-probs once per record id and reuse them
+    scale_weighted: bool = False  # image log-probs with Infinity's per-scale token weights (`bit_logprob`)
 
 
 @dataclass

@@ -328,10 +328,10 @@ class _Step(nn.Module):
         self.model = model
         self._losses, self._logprobs = objective_of(model)
 
-    def forward(self, batch: dict[str, Any], kind: str = "losses", average: bool = False) -> Any:
+    def forward(self, batch: dict[str, Any], kind: str = "losses", **logprob_kwargs: Any) -> Any:
         if kind == "losses":
             return self._losses(batch)
-        return self._logprobs(batch, average=average)
+        return self._logprobs(batch, **logprob_kwargs)
 
 
 class _Metrics:
@@ -534,8 +534,10 @@ def train(recipe: Recipe, *, resume: bool = False, device: str = "auto") -> Trai
     def losses(batch: dict[str, Any]) -> dict[str, Tensor]:
         if not dpo:
             return step_module(batch, "losses")
-        n, average = batch["n_pairs"], recipe.dpo.loss_type == "ipo"
-        logps = step_module(batch, "logprobs", average)
+        n, lp_kwargs = batch["n_pairs"], {"average": recipe.dpo.loss_type == "ipo"}
+        if recipe.dpo.scale_weighted:
+            lp_kwargs["scale_weighted"] = True
+        logps = step_module(batch, "logprobs", **lp_kwargs)
         cached = recipe.dpo.cache_reference and all(i in ref_cache for i in batch["ids"])
         if world > 1:  # one decision for all ranks: under FSDP the reference forward is a collective
             flag = torch.tensor([float(cached)], device=accelerator.device)
@@ -545,7 +547,7 @@ def train(recipe: Recipe, *, resume: bool = False, device: str = "auto") -> Trai
             ref_c, ref_r = ref[0], ref[1]
         else:
             with torch.no_grad():
-                ref_logps = ref_module(batch, "logprobs", average).float()
+                ref_logps = ref_module(batch, "logprobs", **lp_kwargs).float()
             ref_c, ref_r = ref_logps[:n], ref_logps[n:]
             if recipe.dpo.cache_reference:
                 for i, c, r in zip(batch["ids"], ref_c.tolist(), ref_r.tolist(), strict=True):
