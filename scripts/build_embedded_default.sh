@@ -12,7 +12,7 @@
 #      the validation split (else the editing model is) -> `vargpt eval` on held-out records
 #   -> (INSTALL=1) into the package.
 #
-#   scripts/build_embedded_default.sh            # full build under runs/tiny (ROOT), about 2.65 h on 2 CPU cores
+#   scripts/build_embedded_default.sh            # full build under runs/tiny (ROOT), about 6 h on 2 CPU cores
 #   QUICK=1 scripts/build_embedded_default.sh    # smoke run: a few steps per stage on tiny data, under runs/tiny_quick
 #   INSTALL=1 scripts/build_embedded_default.sh  # also copy the final model into src/vargpt/assets/tiny (not QUICK)
 #
