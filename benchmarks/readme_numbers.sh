@@ -4,8 +4,8 @@
 #   bash benchmarks/readme_numbers.sh ROOT [MODEL] [OUT]
 #
 # ROOT is the build's run folder (scripts/build_embedded_default.sh's ROOT; the stage gains and loss curves need
-# its stages), MODEL the model measured (default: ROOT/dpo/model, the build's final model; give
-# src/vargpt/assets/tiny for the installed one), OUT the results folder (default: out/readme). Two lanes, one
+# its stages), MODEL the model measured (default: src/vargpt/assets/tiny, the installed one: the build's final
+# model, DPO's or the editing model's as its gate chose), OUT the results folder (default: out/readme). Two lanes, one
 # thread each (about 15 min on 2 cores):
 #   lane 1: the report of `vargpt eval` (64 records x 3 seeds, test; check.json), text-to-image and editing over
 #           256 x 3, VQA over 256, the "relative" questions, the VAE ceilings, the red circle and the VQA transcript
@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${1:?usage: benchmarks/readme_numbers.sh ROOT [MODEL] [OUT]}
-MODEL=${2:-$ROOT/dpo/model}
+MODEL=${2:-src/vargpt/assets/tiny}
 OUT=${3:-out/readme}
 PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
