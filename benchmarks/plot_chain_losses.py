@@ -15,8 +15,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# stages a chain may lack
-LATER_EDITS = ("understanding2", "understanding3", "edit2", "edit3", "edit4", "edit5", "edit6")
 # (run, csv, x column, [(y column, label)], log y)
 PANELS = [
     ("vae", "log.csv", "step", [("psnr_db", "train PSNR (dB)")], False),
@@ -30,6 +28,8 @@ PANELS = [
     ("edit4", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
     ("edit5", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
     ("edit6", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
+    ("edit7", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
+    ("edit8", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
     ("dpo", "metrics.csv", "step", [("loss", "DPO loss"), ("rewards_accuracy", "reward accuracy")], False),
 ]
 
@@ -39,8 +39,12 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("runs/tiny"))
     ap.add_argument("--out", type=Path, default=Path("docs/embedded_losses.png"))
     args = ap.parse_args()
-    panels = [p for p in PANELS if (args.root / p[0] / p[1]).is_file() or p[0] not in LATER_EDITS]  # optional
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    # the stages this chain ran (one continued from a given model, CONTINUE_FROM, lacks those up to it)
+    panels = [p for p in PANELS if (args.root / p[0] / p[1]).is_file()]
+    if not panels:
+        raise SystemExit(f"{args.root}: no stage of a build_embedded_default.sh chain with a loss log")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    axes = axes[0]
     for ax, (run, name, x, ys, log) in zip(axes, panels, strict=True):
         rows = list(csv.DictReader((args.root / run / name).open()))
         for y, label in ys:

@@ -7,11 +7,12 @@ For the runs of `scripts/build_embedded_default.sh` under ROOT:
   before (the model DPO started from, its recipe's model.checkpoint) and after (dpo), one score per sampling seed,
   with mean and spread;
 * editing SFT: edit success and text-to-image score before (the model its first stage started from) and after (its
-  last stage: the latest of edit6, ..., edit2 the chain has, else edit), per seed; and each later editing stage
+  last stage: the latest of edit8, ..., edit2 the chain has, else edit), per seed; and each later editing stage
   against the one it started from;
 * understanding: VQA accuracy of every understanding stage the chain has and of the final model (the last stage):
   what the later stages keep of it.
-All at ``--size`` (default 64, the resolution every stage trains at), on the test split.
+All at ``--size`` (default 64, the resolution every stage trains at), on the test split. A chain continued from a
+given model (the build's CONTINUE_FROM) reports what its own stages bought: the given stages have no loss log.
 
     python benchmarks/stage_gains.py --root runs/tiny --n 64 --seeds 0 1 2 --json benchmarks/stage_gains.json
 """
@@ -34,9 +35,8 @@ from vargpt.training.recipe import load_recipe
 
 # the chain's order; the last is shipped
 STAGES = ("understanding", "understanding2", "understanding3", "gen", "edit", "edit2", "edit3", "edit4", "edit5",
-          "edit6", "dpo")
-LATER_UNDERSTANDING = ("understanding2", "understanding3")  # optional stages
-LATER_EDITS = ("edit2", "edit3", "edit4", "edit5", "edit6")  # optional stages
+          "edit6", "edit7", "edit8", "dpo")
+LATER_EDITS = ("edit2", "edit3", "edit4", "edit5", "edit6", "edit7", "edit8")
 
 
 def loss_trend(run: Path, window: int) -> dict:
@@ -73,11 +73,13 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=Path("stage_gains.json"))
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    optional = LATER_UNDERSTANDING + LATER_EDITS
-    stages = [s for s in STAGES if s not in optional or (args.root / s / "model").is_dir()]
+    stages = [s for s in STAGES if (args.root / s / "model").is_dir()]
+    trained = [s for s in stages if (args.root / s / "metrics.csv").is_file()]  # not given (CONTINUE_FROM)
+    if not trained:
+        raise SystemExit(f"{args.root}: no trained stage of a build_embedded_default.sh chain")
     model_dir = {s: args.root / s / "model" for s in stages}
     report: dict = {"root": str(args.root), "n": args.n, "seeds": args.seeds, "size": args.size,
-                    "loss": {s: loss_trend(args.root / s, args.window) for s in stages}}
+                    "loss": {s: loss_trend(args.root / s, args.window) for s in trained}}
 
     def t2i(stage: str) -> dict:
         rep = tasks.evaluate_t2i(Engine(VARGPT.from_pretrained(model_dir[stage])), tasks.t2i_cases(args.n),
@@ -92,19 +94,22 @@ def main() -> None:
         rep.pop("images")
         return rep
 
-    later = [s for s in LATER_EDITS if s in stages]
-    last_edit = later[-1] if later else "edit"
-    start = {s: _start_stage(args.root / s) for s in ("dpo", "edit", *later)}
+    later = [s for s in LATER_EDITS if s in trained]
+    last_edit = [s for s in ("edit", *LATER_EDITS) if s in stages][-1]
+    start = {s: _start_stage(args.root / s) for s in ("dpo", "edit", *later) if s in trained}
     report["start"] = start
-    scores = {}  # each (task, stage) measured once
-    for task, stage in dict.fromkeys([("t2i", start["dpo"]), ("t2i", "dpo"), ("edit", start["dpo"]), ("edit", "dpo"),
-                                      ("edit", start["edit"]), ("edit", last_edit), ("t2i", start["edit"]),
-                                      ("t2i", last_edit), *(("edit", start[s]) for s in later)]):
-        scores[task, stage] = (t2i if task == "t2i" else edit)(stage)
-    report["dpo"] = {"before": scores["t2i", start["dpo"]], "after": scores["t2i", "dpo"],
-                     "edit_before": scores["edit", start["dpo"]], "edit_after": scores["edit", "dpo"]}
-    report["edit_sft"] = {"before": scores["edit", start["edit"]], "after": scores["edit", last_edit],
-                          "t2i_before": scores["t2i", start["edit"]], "t2i_after": scores["t2i", last_edit]}
+    wanted = [*(("edit", start[s]) for s in later), *(("edit", s) for s in later)]  # (task, stage) pairs
+    if "dpo" in start:
+        wanted += [("t2i", start["dpo"]), ("t2i", "dpo"), ("edit", start["dpo"]), ("edit", "dpo")]
+    if "edit" in start:
+        wanted += [("edit", start["edit"]), ("edit", last_edit), ("t2i", start["edit"]), ("t2i", last_edit)]
+    scores = {(task, stage): (t2i if task == "t2i" else edit)(stage) for task, stage in dict.fromkeys(wanted)}
+    if "dpo" in start:
+        report["dpo"] = {"before": scores["t2i", start["dpo"]], "after": scores["t2i", "dpo"],
+                         "edit_before": scores["edit", start["dpo"]], "edit_after": scores["edit", "dpo"]}
+    if "edit" in start:
+        report["edit_sft"] = {"before": scores["edit", start["edit"]], "after": scores["edit", last_edit],
+                              "t2i_before": scores["t2i", start["edit"]], "t2i_after": scores["t2i", last_edit]}
     for s in later:
         report[s] = {"before": scores["edit", start[s]], "after": scores["edit", s]}
     vqa_cases = tasks.vqa_cases(args.n, size=args.size)
@@ -117,12 +122,15 @@ def main() -> None:
 
     summary = {
         "loss first -> last": {s: f"{v['loss_first']:.4f} -> {v['loss_last']:.4f}" for s, v in report["loss"].items()},
-        "dpo t2i before/after": [fmt(report["dpo"][k]["score"]) for k in ("before", "after")],
-        "dpo edit before/after": [fmt(report["dpo"][k]["score"]) for k in ("edit_before", "edit_after")],
-        "edit before/after": [fmt(report["edit_sft"][k]["score"]) for k in ("before", "after")],
-        "edit-sft t2i before/after": [fmt(report["edit_sft"][k]["score"]) for k in ("t2i_before", "t2i_after")],
         "vqa by stage": {s: v["accuracy"] for s, v in report["vqa"].items()},
     }
+    if "dpo" in report:
+        summary["dpo t2i before/after"] = [fmt(report["dpo"][k]["score"]) for k in ("before", "after")]
+        summary["dpo edit before/after"] = [fmt(report["dpo"][k]["score"]) for k in ("edit_before", "edit_after")]
+    if "edit_sft" in report:
+        summary["edit before/after"] = [fmt(report["edit_sft"][k]["score"]) for k in ("before", "after")]
+        summary["edit-sft t2i before/after"] = [fmt(report["edit_sft"][k]["score"]) for k in ("t2i_before",
+                                                                                              "t2i_after")]
     for s in LATER_EDITS:
         if s in report:
             summary[f"{s} before/after"] = [fmt(report[s][k]["score"]) for k in ("before", "after")]

@@ -5,16 +5,19 @@
 #      (`python -m vargpt.training.embedded vision`) then understanding SFT (recipes/tiny/understanding.yaml, then
 #      twice recipes/tiny/understanding2.yaml: "relative" questions, with deep supervision; stages understanding2, 3)
 #   -> text-to-image SFT (recipes/tiny/gen.yaml) -> editing SFT (recipes/tiny/edit.yaml, then three times
-#      recipes/tiny/edit2.yaml: stages edit2, edit3, edit4; then twice recipes/tiny/edit5.yaml, moves and swaps
-#      doubled: edit5, edit6), each on two processes, each with a share of the "relative" questions (rel64) beside
+#      recipes/tiny/edit2.yaml: stages edit2, edit3, edit4; then four times recipes/tiny/edit5.yaml, moves and swaps
+#      doubled: edit5 .. edit8), each on two processes, each with a share of the "relative" questions (rel64) beside
 #      the understanding rows
 #   -> on-policy edit preferences + DPO (recipes/tiny/dpo.yaml), shipped only if it gains beyond the seed spread on
 #      the validation split (else the editing model is) -> `vargpt eval` on held-out records
 #   -> (INSTALL=1) into the package.
 #
-#   scripts/build_embedded_default.sh            # full build under runs/tiny (ROOT), about 6 h on 2 CPU cores
+#   scripts/build_embedded_default.sh            # full build under runs/tiny (ROOT), about 7 h on 2 CPU cores
 #   QUICK=1 scripts/build_embedded_default.sh    # smoke run: a few steps per stage on tiny data, under runs/tiny_quick
 #   INSTALL=1 scripts/build_embedded_default.sh  # also copy the final model into src/vargpt/assets/tiny (not QUICK)
+#   CONTINUE_FROM=edit6 GIVEN_MODEL=src/vargpt/assets/tiny scripts/build_embedded_default.sh
+#       # continue a chain from a model built by this script (e.g. the installed one): it becomes the output of stage
+#       # CONTINUE_FROM, the stages up to it are taken as done, the data is drawn again and the stages after it run
 #
 # Resumable and deterministic: a stage whose output exists is skipped, an interrupted stage resumes from its newest
 # checkpoint; fixed seeds and step counts (no wall-clock budgets), one thread per process.
@@ -28,7 +31,7 @@ if [[ $QUICK == 1 ]]; then
     ROOT=${ROOT:-runs/tiny_quick}
     N_UND=60; N_REL=30; N_T2I=40; N_POS=16; N_VAE=24; N_EDIT=40; TOK_N=200; VAE_STEPS=4; VISION_STEPS=2; PREF_N=8; EVAL_N=2; EVAL_SEEDS=0
     GATE_N=2
-    QUICK_ARGS=(max_steps=3 log_every=1 checkpoint.every=3 data.num_workers=0)
+    QUICK_ARGS=(max_steps=3 log_every=1 checkpoint.every=3 data.num_workers=0 batch_size=1)  # a strong model gives few pairs
 else
     ROOT=${ROOT:-runs/tiny}
     N_UND=30000; N_REL=30000; N_T2I=40000; N_POS=10000; N_VAE=8000; N_EDIT=20000; TOK_N=2000; VAE_STEPS=21000; VISION_STEPS=3000; PREF_N=768; EVAL_N=64
@@ -44,10 +47,32 @@ mkdir -p "$ROOT"
 echo "build_embedded_default: QUICK=$QUICK ROOT=$ROOT DEVICE=$DEVICE $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null)" \
     | tee -a "$ROOT/build.log"
 
-# run_stage NAME DONE_FILE COMMAND...: skip when DONE_FILE exists, else run it and log the wall time.
+# the stages that make models, in order; with CONTINUE_FROM those up to it are given (GIVEN_MODEL is its output)
+CHAIN=(tokenizer vae vision understanding understanding2 understanding3 gen edit edit2 edit3 edit4 edit5 edit6 edit7
+       edit8)
+GIVEN=()
+if [[ -n ${CONTINUE_FROM:-} ]]; then
+    [[ " ${CHAIN[*]} " == *" $CONTINUE_FROM "* ]] || { echo "CONTINUE_FROM=$CONTINUE_FROM: not one of ${CHAIN[*]}" >&2; exit 2; }
+    [[ -f ${GIVEN_MODEL:-}/config.json ]] || { echo "GIVEN_MODEL=${GIVEN_MODEL:-}: no model there (config.json)" >&2; exit 2; }
+    for s in "${CHAIN[@]}"; do GIVEN+=("$s"); [[ $s == "$CONTINUE_FROM" ]] && break; done
+    if [[ ! -e $ROOT/$CONTINUE_FROM/model/preprocessor_config.json ]]; then  # its weights, and its record (if any)
+        mkdir -p "$ROOT/$CONTINUE_FROM/model" "$ROOT/given"
+        cp "$GIVEN_MODEL"/{config.json,model.safetensors,preprocessor_config.json,tokenizer.json} "$ROOT/$CONTINUE_FROM/model/"
+        for f in build.log losses.png losses_*.png; do [[ -e $GIVEN_MODEL/$f ]] && cp "$GIVEN_MODEL/$f" "$ROOT/given/"; done
+        [[ -e $ROOT/given/losses.png ]] && mv "$ROOT/given/losses.png" "$ROOT/given/losses_to_$CONTINUE_FROM.png"
+    fi
+    echo "== continuing from $CONTINUE_FROM: $GIVEN_MODEL (given: ${GIVEN[*]})" | tee -a "$ROOT/build.log"
+fi
+
+# run_stage NAME DONE_FILE COMMAND...: skip when DONE_FILE exists or the stage is given, else run it and log the wall
+# time.
 run_stage() {
     local name=$1 done_file=$2 t0
     shift 2
+    if [[ " ${GIVEN[*]} " == *" $name "* ]]; then
+        echo "== $name: given" | tee -a "$ROOT/build.log"
+        return
+    fi
     if [[ -e $done_file ]]; then
         echo "== $name: done already ($done_file)" | tee -a "$ROOT/build.log"
         return
@@ -91,7 +116,7 @@ vae() {
         --foreground-weight 4 --edge-weight 16 --lr 1e-3 --batch-size 16 --steps "$VAE_STEPS" --ckpt-every 1000 --device "$DEVICE" --resume
 }
 VAE_PID=
-if [[ ! -e $ROOT/vae/model/config.json ]]; then
+if [[ ! -e $ROOT/vae/model/config.json && " ${GIVEN[*]} " != *" vae "* ]]; then
     echo "== vae: background, log $ROOT/vae.log" | tee -a "$ROOT/build.log"
     vae > "$ROOT/vae.log" 2>&1 &
     VAE_PID=$!
@@ -127,7 +152,7 @@ for stage in edit2 edit3 edit4; do  # three more editing stages of 3,000 steps, 
         "data.sources.2.path=$DATA/und64" "data.sources.3.path=$DATA/rel64"
     prev=$stage
 done
-for stage in edit5 edit6; do  # twice 3,000 steps more with moves and swaps doubled (they held editing back after edit4)
+for stage in edit5 edit6 edit7 edit8; do  # 4 x 3,000 steps more, moves and swaps doubled (they held editing back after edit4)
     NPROC=2 run_stage "$stage" "$(model_done "$ROOT/$stage")" train edit5 "$ROOT/$stage" \
         "model.checkpoint=$ROOT/$prev/model" "data.sources.0.path=$DATA/edit64" "data.sources.1.path=$DATA/editms64" \
         "data.sources.2.path=$DATA/t2i64" "data.sources.3.path=$DATA/und64" "data.sources.4.path=$DATA/rel64"
@@ -184,7 +209,9 @@ if [[ $INSTALL == 1 && $QUICK != 1 ]]; then
     mkdir -p "$ASSETS"
     cp "$FINAL"/* "$ASSETS"/
     cp "$ROOT/eval/report.json" "$ASSETS/check.json"
-    cp "$ROOT/build.log" "$ASSETS/build.log"  # every stage's command and wall time
+    cat "$ROOT"/given/build.log "$ROOT/build.log" > "$ASSETS/build.log" 2>/dev/null \
+        || cp "$ROOT/build.log" "$ASSETS/build.log"  # every stage's command and wall time (a given model's first)
+    cp "$ROOT"/given/losses_*.png "$ASSETS"/ 2>/dev/null || true  # a given model's loss curves
     "$PYTHON" benchmarks/plot_chain_losses.py --root "$ROOT" --out "$ASSETS/losses.png"
     chmod a+r "$ASSETS"/*
     echo "embedded default installed in $ASSETS: $(du -sh "$ASSETS" | cut -f1)"
