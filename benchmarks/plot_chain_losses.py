@@ -30,6 +30,8 @@ PANELS = [
     ("edit6", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
     ("edit7", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
     ("edit8", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
+    ("edit9", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
+    ("edit10", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
     ("dpo", "metrics.csv", "step", [("loss", "DPO loss"), ("rewards_accuracy", "reward accuracy")], False),
 ]
 
