@@ -22,16 +22,8 @@ PANELS = [
     ("understanding2", "metrics.csv", "step", [("text_loss", "answer loss"), ("early_loss", "after block 2")], True),
     ("understanding3", "metrics.csv", "step", [("text_loss", "answer loss"), ("early_loss", "after block 2")], True),
     ("gen", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
-    ("edit", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
-    ("edit2", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
-    ("edit3", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
-    ("edit4", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
-    ("edit5", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
-    ("edit6", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
-    ("edit7", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
-    ("edit8", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
-    ("edit9", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
-    ("edit10", "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True),
+    *((name, "metrics.csv", "step", [("bit_loss", "bit loss"), ("text_loss", "text loss")], True)
+      for name in ("edit", *(f"edit{i}" for i in range(2, 13)))),
     ("dpo", "metrics.csv", "step", [("loss", "DPO loss"), ("rewards_accuracy", "reward accuracy")], False),
 ]
 

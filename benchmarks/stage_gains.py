@@ -7,7 +7,7 @@ For the runs of `scripts/build_embedded_default.sh` under ROOT:
   before (the model DPO started from, its recipe's model.checkpoint) and after (dpo), one score per sampling seed,
   with mean and spread;
 * editing SFT: edit success and text-to-image score before (the model its first stage started from) and after (its
-  last stage: the latest of edit10, ..., edit2 the chain has, else edit), per seed; and each later editing stage
+  last stage: the latest of edit12, ..., edit2 the chain has, else edit), per seed; and each later editing stage
   against the one it started from;
 * understanding: VQA accuracy of every understanding stage the chain has and of the final model (the last stage):
   what the later stages keep of it.
@@ -34,9 +34,8 @@ from vargpt.pipeline import VARGPTPipeline
 from vargpt.training.recipe import load_recipe
 
 # the chain's order; the last is shipped
-STAGES = ("understanding", "understanding2", "understanding3", "gen", "edit", "edit2", "edit3", "edit4", "edit5",
-          "edit6", "edit7", "edit8", "edit9", "edit10", "dpo")
-LATER_EDITS = ("edit2", "edit3", "edit4", "edit5", "edit6", "edit7", "edit8", "edit9", "edit10")
+LATER_EDITS = tuple(f"edit{i}" for i in range(2, 13))  # edit2 .. edit12
+STAGES = ("understanding", "understanding2", "understanding3", "gen", "edit", *LATER_EDITS, "dpo")
 
 
 def loss_trend(run: Path, window: int) -> dict:

@@ -5,14 +5,14 @@
 #      (`python -m vargpt.training.embedded vision`) then understanding SFT (recipes/tiny/understanding.yaml, then
 #      twice recipes/tiny/understanding2.yaml: "relative" questions, with deep supervision; stages understanding2, 3)
 #   -> text-to-image SFT (recipes/tiny/gen.yaml) -> editing SFT (recipes/tiny/edit.yaml, then three times
-#      recipes/tiny/edit2.yaml: stages edit2, edit3, edit4; then six times recipes/tiny/edit5.yaml, moves and swaps
-#      doubled: edit5 .. edit10), each on two processes, each with a share of the "relative" questions (rel64) beside
+#      recipes/tiny/edit2.yaml: stages edit2, edit3, edit4; then eight times recipes/tiny/edit5.yaml, moves and swaps
+#      doubled: edit5 .. edit12), each on two processes, each with a share of the "relative" questions (rel64) beside
 #      the understanding rows
 #   -> on-policy edit preferences + DPO (recipes/tiny/dpo.yaml), shipped only if it gains beyond the seed spread on
 #      the validation split (else the editing model is) -> `vargpt eval` on held-out records
 #   -> (INSTALL=1) into the package.
 #
-#   scripts/build_embedded_default.sh            # full build under runs/tiny (ROOT), about 8 h on 2 CPU cores
+#   scripts/build_embedded_default.sh            # full build under runs/tiny (ROOT), about 10 h on 2 CPU cores
 #   QUICK=1 scripts/build_embedded_default.sh    # smoke run: a few steps per stage on tiny data, under runs/tiny_quick
 #   INSTALL=1 scripts/build_embedded_default.sh  # also copy the final model into src/vargpt/assets/tiny (not QUICK)
 #   CONTINUE_FROM=edit6 GIVEN_MODEL=src/vargpt/assets/tiny scripts/build_embedded_default.sh
@@ -49,7 +49,7 @@ echo "build_embedded_default: QUICK=$QUICK ROOT=$ROOT DEVICE=$DEVICE $(date -u +
 
 # the stages that make models, in order; with CONTINUE_FROM those up to it are given (GIVEN_MODEL is its output)
 CHAIN=(tokenizer vae vision understanding understanding2 understanding3 gen edit edit2 edit3 edit4 edit5 edit6 edit7
-       edit8 edit9 edit10)
+       edit8 edit9 edit10 edit11 edit12)
 GIVEN=()
 if [[ -n ${CONTINUE_FROM:-} ]]; then
     [[ " ${CHAIN[*]} " == *" $CONTINUE_FROM "* ]] || { echo "CONTINUE_FROM=$CONTINUE_FROM: not one of ${CHAIN[*]}" >&2; exit 2; }
@@ -154,7 +154,7 @@ for stage in edit2 edit3 edit4; do  # three more editing stages of 3,000 steps, 
         "data.sources.2.path=$DATA/und64" "data.sources.3.path=$DATA/rel64"
     prev=$stage
 done
-for stage in edit5 edit6 edit7 edit8 edit9 edit10; do  # 6 x 3,000 steps more, moves and swaps doubled (they held editing back after edit4)
+for stage in edit5 edit6 edit7 edit8 edit9 edit10 edit11 edit12; do  # 8 x 3,000 steps more, moves and swaps doubled (they held editing back after edit4)
     NPROC=2 run_stage "$stage" "$(model_done "$ROOT/$stage")" train edit5 "$ROOT/$stage" \
         "model.checkpoint=$ROOT/$prev/model" "data.sources.0.path=$DATA/edit64" "data.sources.1.path=$DATA/editms64" \
         "data.sources.2.path=$DATA/t2i64" "data.sources.3.path=$DATA/und64" "data.sources.4.path=$DATA/rel64"

@@ -123,3 +123,18 @@ def test_dpo_other_losses_and_batch_mean():
     smooth = dpo_loss(*(a[:1] for a in args), beta=0.1, label_smoothing=0.1).loss.item()
     want = 0.9 * math.log1p(math.exp(-0.2)) + 0.1 * math.log1p(math.exp(0.2))
     assert smooth == pytest.approx(want)
+
+
+def test_dpop_penalises_only_a_chosen_logprob_below_the_reference():
+    ref_c, ref_r = torch.tensor([-10.0]), torch.tensor([-10.0])
+    # both fell, the rejected one more: DPO sees margin 2; DPO-Positive subtracts 50 * 3 for the chosen's fall
+    pol_c, pol_r = torch.tensor([-13.0]), torch.tensor([-15.0])
+    assert dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=0.1).loss.item() == pytest.approx(math.log1p(math.exp(-0.2)))
+    pos = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=0.1, dpop_lambda=50.0).loss.item()
+    assert pos == pytest.approx(math.log1p(math.exp(-0.1 * (2 - 150))))
+    up = torch.tensor([-9.0])  # the chosen rose: no penalty
+    assert dpo_loss(up, pol_r, ref_c, ref_r, beta=0.1, dpop_lambda=50.0).loss.item() == pytest.approx(
+        dpo_loss(up, pol_r, ref_c, ref_r, beta=0.1).loss.item())
+    pol = torch.tensor([-13.0, -15.0], requires_grad=True)  # the penalty's gradient raises the chosen log-prob
+    dpo_loss(pol[:1], pol[1:], ref_c, ref_r, beta=0.1, dpop_lambda=50.0).loss.backward()
+    assert pol.grad[0] < 0 and abs(pol.grad[0]) > 10 * abs(pol.grad[1])

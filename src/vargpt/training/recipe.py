@@ -152,6 +152,7 @@ class DPOConfig:
     beta: float = 0.1  # published default pref_beta
     loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
     label_smoothing: float = 0.0
+    dpop_lambda: float = 0.0  # > 0: DPO-Positive, the chosen log-prob kept at or above the reference's (`dpo_loss`)
     cache_reference: bool = True  # compute the reference log-probs once per record id and reuse them
     scale_weighted: bool = False  # image log-probs with Infinity's per-scale token weights (`bit_logprob`)
 

@@ -553,7 +553,7 @@ def train(recipe: Recipe, *, resume: bool = False, device: str = "auto") -> Trai
                 for i, c, r in zip(batch["ids"], ref_c.tolist(), ref_r.tolist(), strict=True):
                     ref_cache[i] = (c, r)
         res = dpo_loss(logps[:n].float(), logps[n:].float(), ref_c, ref_r, recipe.dpo.beta, recipe.dpo.loss_type,
-                       recipe.dpo.label_smoothing)
+                       recipe.dpo.label_smoothing, recipe.dpo.dpop_lambda)
         return {"loss": res.loss, **dpo_metrics(res.chosen_rewards, res.rejected_rewards),
                 "logps_chosen": logps[:n].detach().float().mean(), "logps_rejected": logps[n:].detach().float().mean()}
 
