@@ -71,6 +71,7 @@ def test_overrides_are_typed(tmp_path):
     ("optim.lr_scale={decoder: 0.5}", ["optim.lr_scale", "decoder"]),
     ("optim.lr_scale={visual: 0}", ["optim.lr_scale.visual"]),
     ("optim.lr_scale={visual: slow}", ["optim.lr_scale.visual"]),
+    ("dpo.dpop_lambda=-1", ["dpo.dpop_lambda", ">= 0"]),
 ])
 def test_bad_fields_name_themselves(tmp_path, override, words):
     with pytest.raises(ConfigError) as e:

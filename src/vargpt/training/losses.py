@@ -127,8 +127,8 @@ def dpo_loss(pol_chosen: Tensor, pol_rejected: Tensor, ref_chosen: Tensor, ref_r
              dpop_lambda: float = 0.0) -> DPOLoss:
     """DPO on sequence log-probs ``[B]`` (TRL's ``dpo_loss``): sigmoid = -log sigmoid(beta * margin) where
     margin = (pol_w - ref_w) - (pol_l - ref_l). ``dpop_lambda`` > 0 is DPO-Positive (Pal et al. 2024, arXiv
-    2402.13228): the margin loses ``dpop_lambda * max(0, ref_w - pol_w)``, so the chosen answer's own likelihood
-    may not fall below the reference's while the rejected one's falls faster (plain DPO lets both fall)."""
+    2402.13228): the margin loses ``dpop_lambda * max(0, ref_w - pol_w)``, a penalty that pushes the chosen answer's
+    log-prob back up to the reference's whenever it falls below it (plain DPO lets both log-probs fall)."""
     logits = (pol_chosen - pol_rejected) - (ref_chosen - ref_rejected)
     if dpop_lambda:
         logits = logits - dpop_lambda * torch.relu(ref_chosen - pol_chosen)

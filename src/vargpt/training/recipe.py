@@ -218,6 +218,7 @@ class Recipe:
         _require(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", self.checkpoint.keep_last, ">= 1")
         _require(self.dpo.beta > 0, "dpo.beta", self.dpo.beta, "> 0")
         _require(0 <= self.dpo.label_smoothing < 0.5, "dpo.label_smoothing", self.dpo.label_smoothing, "[0, 0.5)")
+        _require(self.dpo.dpop_lambda >= 0, "dpo.dpop_lambda", self.dpo.dpop_lambda, ">= 0")
         init = self.model
         _require(init.preset is not None or init.checkpoint is not None or init.factory is not None, "model.preset",
                  init.preset, "a preset name when neither model.checkpoint nor model.factory is set")
