@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from vargpt.config import get_preset
+from vargpt.data.images import ImageSet, find_images, resolve_data, to_unit
 from vargpt.models.vae import BSQVAE
-from vargpt.training.vae import ImageSet, find_images, recon_loss, resolve_data, to_unit
+from vargpt.training.vae import recon_loss
 
 
 def main() -> None:

@@ -15,7 +15,8 @@ from vargpt.data.shapesworld import write_dataset  # noqa: E402
 from vargpt.errors import ConfigError  # noqa: E402
 from vargpt.training.checkpoint import list_checkpoints  # noqa: E402
 from vargpt.training.recipe import FREEZE_PRESETS, MODULES, OPTIONAL_MODULES, recipe_from_dict  # noqa: E402
-from vargpt.training.trainer import apply_freezing, lr_factor, train  # noqa: E402
+from vargpt.training.schedule import lr_factor, warmup_steps  # noqa: E402
+from vargpt.training.trainer import apply_freezing, train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +133,11 @@ def test_dpo_run_learns_preferences_and_caches_reference(data, tmp_path):
 
 
 def test_lr_schedule():
-    f = [lr_factor(s, 10, kind="cosine", warmup_ratio=0.2, min_lr_ratio=0.1) for s in range(10)]
-    assert f[0] < f[1] < f[2] == 1.0 and f[-1] > 0.1 and all(a >= b for a, b in zip(f[2:], f[3:], strict=False))
-    assert lr_factor(5, 10, kind="constant", warmup_ratio=0.0, min_lr_ratio=0.0) == 1.0
+    f = [lr_factor(s, 10, warmup=2, min_lr_ratio=0.1) for s in range(10)]
+    assert f[:3] == [1 / 3, 2 / 3, 1.0] and f[-1] > 0.1 and all(a >= b for a, b in zip(f[2:], f[3:], strict=False))
+    assert lr_factor(10, 10, warmup=2, min_lr_ratio=0.1) == pytest.approx(0.1)  # the floor at the end
+    assert lr_factor(5, 10, warmup=0, kind="constant") == 1.0
+    assert warmup_steps(0.2, 10) == 2 and warmup_steps(0.05, 30) == 2  # rounded up
 
 
 def test_unified_model_smoke(data, tmp_path):

@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from vargpt.cli import main
+from vargpt.data.images import find_images
 from vargpt.errors import CheckpointError, InputError
-from vargpt.eval.vae import bit_usage, evaluate_vae, psnr_ssim
+from vargpt.eval.vae import bit_usage, eval_images, evaluate_vae, psnr_ssim
 from vargpt.models.vae import BSQVAE
 from vargpt.training.checkpoint import (
     atomic_write_json,
@@ -19,7 +20,7 @@ from vargpt.training.checkpoint import (
     load_model_dir,
     save_checkpoint,
 )
-from vargpt.training.vae import VAETrainConfig, find_images, foreground_weights, load_vae, recon_loss, train_vae
+from vargpt.training.vae import VAETrainConfig, foreground_weights, load_vae, recon_loss, train_vae
 
 
 def _write_images(d, n=6, size=16, seed=0):
@@ -80,9 +81,16 @@ def test_training_loss_falls_and_outputs(tmp_path):
     rows = (res.out / "log.csv").read_text().splitlines()[1:]
     losses = [float(r.split(",")[2]) for r in rows]
     assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
-    assert np.mean(losses[-2:]) < 0.85 * np.mean(losses[:2])
     assert (res.out / "loss.png").stat().st_size > 0
     vae, cfg = load_vae(res.out)
+    # the logged losses are single batches of 4 (too noisy to compare over 40 steps: their last-to-first ratio
+    # ranges 0.6-1.0 over seeds); the reconstructions of all 6 images are not: 40 steps gain 3.4-5.8 dB over
+    # the same-seed initial weights (seeds 0-5)
+    torch.manual_seed(0)  # the trainer's seed, set just before it builds the VAE
+    init = BSQVAE(vae.cfg).eval()
+    images = eval_images(str(data), tmp_path, 16)
+    gain = evaluate_vae(vae, images)["psnr_db"] - evaluate_vae(init, images)["psnr_db"]
+    assert gain > 2.0, gain
     assert cfg["preset"] == "tiny" and vae.cfg.codebook_dim == 16
     assert [c.step for c in list_checkpoints(res.out)] == [20, 40]
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from vargpt.runtime import resolve_device
 from vargpt.scales import schedule_for_size
 from vargpt.training.checkpoint import latest_checkpoint, save_checkpoint, save_model_dir
 from vargpt.training.plots import Panel, plot_metrics, read_rows
+from vargpt.training.schedule import lr_factor
 
 __all__ = ["ClassDecoderTrainConfig", "class_names", "make_class_images", "plot_log", "train_class_decoder", "main"]
 
@@ -122,13 +122,6 @@ def _encode(vae: BSQVAE, images: torch.Tensor, device: torch.device, chunk: int 
                       for i in range(0, len(images), chunk)])
 
 
-def _lr(step: int, cfg: ClassDecoderTrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
 def train_class_decoder(cfg: ClassDecoderTrainConfig) -> dict[str, float]:
     """Run the recipe; returns the final smoothed loss and bit accuracy."""
     if cfg.threads > 0:
@@ -181,7 +174,7 @@ def train_class_decoder(cfg: ClassDecoderTrainConfig) -> dict[str, float]:
             idx = torch.randint(0, cfg.pool, (cfg.batch_size,), generator=order).to(device)
             batch = multiscale_bits(latents[idx], schedule, self_correction=correction, generator=gen)
             for group in opt.param_groups:
-                group["lr"] = _lr(step, cfg)
+                group["lr"] = cfg.lr * lr_factor(step, cfg.steps, warmup=cfg.warmup)
             res = model.loss(labels[idx], batch, schedule, generator=gen)
             opt.zero_grad(set_to_none=True)
             res.loss.backward()
@@ -191,7 +184,7 @@ def train_class_decoder(cfg: ClassDecoderTrainConfig) -> dict[str, float]:
             ema_loss = loss if ema_loss is None else 0.95 * ema_loss + 0.05 * loss
             ema_acc = res.bit_accuracy if ema_acc is None else 0.95 * ema_acc + 0.05 * res.bit_accuracy
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                log.writerow([step, f"{loss:.5f}", f"{res.bit_accuracy:.4f}", f"{_lr(step, cfg):.2e}",
+                log.writerow([step, f"{loss:.5f}", f"{res.bit_accuracy:.4f}", f"{opt.param_groups[0]['lr']:.2e}",
                               f"{time.time() - t0:.1f}"])
                 f.flush()
                 print(f"step {step:5d}  loss {ema_loss:.4f}  bit acc {ema_acc:.4f}", flush=True)

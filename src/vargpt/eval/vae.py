@@ -23,6 +23,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import Tensor
 
+from vargpt.data.images import ImageSet, find_images, resolve_data
 from vargpt.errors import InputError
 from vargpt.models.vae import BSQVAE
 from vargpt.scales import schedule_for_size
@@ -136,8 +137,6 @@ def eval_images(data: str, work_dir: str | Path, size: int, *, split: str = "tes
                  limit: int | None = None) -> Tensor:
     """uint8 [N, 3, size, size]: the first ``limit`` images of ``data``, a folder or ``shapesworld:N`` (the records
     of ``split``, written once under ``work_dir``)."""
-    from vargpt.training.vae import ImageSet, find_images, resolve_data
-
     paths = find_images(resolve_data(data, Path(work_dir), size, split=split, seed=0))[:limit]
     return ImageSet(paths, size).batch(torch.arange(len(paths)))
 

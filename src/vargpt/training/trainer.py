@@ -90,9 +90,10 @@ from vargpt.training.checkpoint import atomic_write_bytes, latest_checkpoint, sa
 from vargpt.training.losses import dpo_loss, dpo_metrics
 from vargpt.training.plots import Panel, plot_metrics
 from vargpt.training.recipe import OPTIONAL_MODULES, Recipe, trainable_modules
+from vargpt.training.schedule import lr_factor, warmup_steps
 
 __all__ = ["TrainResult", "TrainableModel", "apply_freezing", "build_model", "build_processor", "load_vae_weights",
-           "lr_factor", "train"]
+           "train"]
 
 
 @runtime_checkable
@@ -273,17 +274,6 @@ def param_groups(params: list[tuple[str, nn.Parameter]], optim: Any) -> list[dic
     order = sorted(groups, key=lambda k: (not k[0], k[1]))  # matrices first, as checkpoints of older runs have it
     return [{"params": groups[k], "weight_decay": optim.weight_decay if k[0] else 0.0, "lr": optim.lr * k[1]}
             for k in order]
-
-
-def lr_factor(step: int, total: int, *, kind: str, warmup_ratio: float, min_lr_ratio: float) -> float:
-    """Multiplier of the peak lr after ``step`` optimiser steps: linear warm-up, then cosine decay or constant."""
-    warmup = int(math.ceil(warmup_ratio * total))
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if kind == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -469,8 +459,9 @@ def train(recipe: Recipe, *, resume: bool = False, device: str = "auto") -> Trai
     optimizer = torch.optim.AdamW(param_groups(params, recipe.optim), lr=recipe.optim.lr, betas=recipe.optim.betas,
                                   eps=recipe.optim.eps)
     sched = recipe.schedule
+    warmup = warmup_steps(sched.warmup_ratio, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-        s, total_steps, kind=sched.kind, warmup_ratio=sched.warmup_ratio, min_lr_ratio=sched.min_lr_ratio))
+        s, total_steps, warmup=warmup, kind=sched.kind, min_lr_ratio=sched.min_lr_ratio))
 
     trainable_names = {n for n, _ in params}
     ref_cache: dict[str, tuple[float, float]] = {}

@@ -29,24 +29,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
 from vargpt.config import VAEConfig, get_preset
+from vargpt.data.images import ImageSet, find_images, resolve_data, to_unit
 from vargpt.errors import CheckpointError, InputError
-from vargpt.imageio import load_image as read_image
 from vargpt.models.quantizer import bsq_losses
 from vargpt.models.vae import BSQVAE
 from vargpt.runtime import resolve_device, resolve_dtype
 from vargpt.scales import schedule_for_size
 from vargpt.training.checkpoint import latest_checkpoint, load_model_dir, save_checkpoint, save_model_dir
 from vargpt.training.plots import Panel, plot_metrics, read_rows
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-PRELOAD_LIMIT_BYTES = 2 << 30  # decode every image once and keep it in memory below this size
+from vargpt.training.schedule import lr_factor
 
 
 @dataclass
@@ -125,74 +121,6 @@ class VAETrainConfig:
     def batch_for(self, size: int) -> int:
         """Batch size at ``size``: ``batch_size`` at the smallest size, scaled by pixel area above it."""
         return max(1, self.batch_size * min(self.sizes) ** 2 // size**2)
-
-
-# ----------------------------------------------------------------------------------------------- data
-
-
-def find_images(root: str | Path) -> list[Path]:
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"data directory {root} does not exist; pass a folder of .png/.jpg images "
-                         "or shapesworld:N")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-    if not paths:
-        raise InputError(f"no .png/.jpg images under {root}; pass a folder of images or shapesworld:N")
-    return paths
-
-
-def load_image(path: Path, size: int) -> Tensor:
-    """uint8 [3, size, size]: shorter side resized to ``size`` (bicubic), centre crop."""
-    im = read_image(path)  # any mode -> 8-bit RGB, or a one-line InputError
-    w, h = im.size
-    if (w, h) != (size, size):
-        s = size / min(w, h)
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
-
-
-class ImageSet:
-    """Images of a folder at one square size; decoded once and cached when they fit in memory."""
-
-    def __init__(self, paths: list[Path], size: int) -> None:
-        self.paths, self.size = paths, size
-        self.cache: Tensor | None = None
-        if len(paths) * 3 * size * size <= PRELOAD_LIMIT_BYTES:
-            self.cache = torch.stack([load_image(p, size) for p in paths])
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def batch(self, idx: Tensor) -> Tensor:
-        """uint8 [B, 3, size, size]."""
-        if self.cache is not None:
-            return self.cache[idx]
-        return torch.stack([load_image(self.paths[i], self.size) for i in idx.tolist()])
-
-
-def to_unit(x_uint8: Tensor, device: torch.device) -> Tensor:
-    return x_uint8.to(device, non_blocking=True).float() / 127.5 - 1
-
-
-def resolve_data(spec: str, out_dir: Path, size: int, *, split: str = "train", seed: int = 0) -> Path:
-    """A folder of images for ``spec``: the folder itself, or ``shapesworld:N`` generated under ``out_dir``."""
-    if not spec.startswith("shapesworld:"):
-        return Path(spec)
-    try:
-        n = int(spec.split(":", 1)[1])
-    except ValueError:
-        raise InputError(f"bad data spec {spec!r}; use shapesworld:N, e.g. shapesworld:2000") from None
-    try:
-        from vargpt.data.shapesworld import write_dataset
-    except ImportError:
-        raise InputError("ShapesWorld is not available in this install; pass --data DIR (a folder of images)") from None
-    target = out_dir / f"shapesworld_{split}_{n}_{size}px_seed{seed}"
-    if not (target / "records.jsonl").is_file():
-        write_dataset(target, n=n, split=split, size=size, seed=seed)
-    return target
 
 
 # ----------------------------------------------------------------------------------------------- model I/O
@@ -318,13 +246,6 @@ def recon_loss(recon: Tensor, x: Tensor, kind: str, weights: Tensor | None = Non
         wl1, wmse = (w * d.abs()).sum() / w.sum(), (w * d.pow(2)).sum() / w.sum()
         return {"l1": wl1, "l2": wmse, "l1+l2": wl1 + wmse}[kind], l1, mse
     return {"l1": l1, "l2": mse, "l1+l2": l1 + mse}[kind], l1, mse
-
-
-def lr_at(step: int, cfg: VAETrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -459,7 +380,7 @@ def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
             top, left = torch.randint(0, size - cfg.crop + 1, (2,), generator=gen).tolist()
             x = x[:, :, top:top + cfg.crop, left:left + cfg.crop]
 
-        lr = lr_at(step, cfg)
+        lr = cfg.lr * lr_factor(step, cfg.steps, warmup=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
         with autocast:

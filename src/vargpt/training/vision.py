@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from vargpt.data.scene import COLOURS, SHAPES, SIZES, Scene, render, sample_scene
 from vargpt.data.shapesworld import _allowed
 from vargpt.errors import InputError
+from vargpt.training.schedule import lr_factor, warmup_steps
 
 HEADS = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES)}  # label 0 = no object at the token
 PLACES = ("row", "col")  # every token's own grid row and column: where it is, whatever it shows
@@ -97,7 +98,7 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> Path:
 
     from vargpt.processing import make_image_processor
     from vargpt.training.recipe import load_recipe
-    from vargpt.training.trainer import build_model, build_processor, lr_factor
+    from vargpt.training.trainer import build_model, build_processor
 
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise InputError(f"steps and batch_size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
@@ -131,9 +132,10 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     held_out = batch(random.Random(10_000 + cfg.seed), 128)  # training-split scenes never drawn below
     rng, t0, rows = random.Random(cfg.seed), time.perf_counter(), []
+    warmup = warmup_steps(0.05, cfg.steps)
     for step in tqdm(range(1, cfg.steps + 1), desc="vision pretraining", disable=not cfg.progress):
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_factor(step - 1, cfg.steps, kind="cosine", warmup_ratio=0.05, min_lr_ratio=0.1)
+            g["lr"] = cfg.lr * lr_factor(step - 1, cfg.steps, warmup=warmup, min_lr_ratio=0.1)
         pixels, grid_thw, labels = batch(rng, cfg.batch_size)
         loss, _ = heads(features(pixels, grid_thw), labels)
         opt.zero_grad(set_to_none=True)
