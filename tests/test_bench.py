@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import stat
+import time
 
 import pytest
 import torch
@@ -116,6 +117,25 @@ def test_bench_baseline_failure_keeps_our_results(tmp_path, capsys, monkeypatch)
     assert rep["ours"]["derived"]["t2i"]["1"]["latency_s"] == 1.0 and "exit 3" in rep["baseline_error"]
 
 
+def test_bench_baseline_timeout_stops_it_and_our_rows_are_written_first(tmp_path, capsys, monkeypatch):
+    import vargpt.bench as B
+
+    monkeypatch.setattr(B, "measure_ours", lambda *a: {"t2i_batch1": {"median_s": 1.0, "peak_mem_bytes": 1}})
+    out = tmp_path / "t.json"
+    # the fake copies the report as it stands when the baseline starts, then hangs
+    body = f"cp {out} {tmp_path}/during.json\nexec sleep 60\n"
+    t0 = time.perf_counter()
+    code, _, err = run_cli(capsys, "bench", "--json", str(out), *QUICK, "--baseline-timeout", "2",
+                           *_fake_python(tmp_path, body))
+    assert code == 2 and "ran past --baseline-timeout 2 s" in err and time.perf_counter() - t0 < 30
+    during = json.loads((tmp_path / "during.json").read_text())
+    assert during["ours"]["derived"]["t2i"]["1"]["latency_s"] == 1.0 and "still running" in during["baseline_error"]
+    rep = json.loads(out.read_text())
+    assert rep["ours"]["derived"]["t2i"]["1"]["latency_s"] == 1.0 and "baseline-timeout" in rep["baseline_error"]
+    code, _, err = run_cli(capsys, "bench", "--json", str(out), *QUICK, "--baseline-timeout", "0")
+    assert code == 2 and "--baseline-timeout" in err
+
+
 def test_bench_rejects_half_a_baseline(tmp_path, capsys):
     code, _, err = run_cli(capsys, "bench", "--json", str(tmp_path / "x.json"), *QUICK,
                            "--baseline-python", "/bin/sh")
@@ -138,6 +158,20 @@ def test_official_path_at_the_fixture_sizes(monkeypatch, tmp_path):
     assert b["assumptions"]["image_tokens"] == 521 and b["assumptions"]["bytes_per_param"] == 4
     md = (tmp_path / "o.md").read_text()
     assert "| bound (H100) | ours / bound |" in md
+
+
+def test_official_path_in_bf16(monkeypatch, tmp_path):
+    """What a GPU runs: the official layout (bf16 cross-attention rounding on) with bf16 weights, every row; the
+    attentive pool once returned fp32 into its bf16 projection there."""
+    import vargpt.bench as B
+
+    small = official_fixture_config(B.DEFAULT_FIXTURES / "tiny_config.json")
+    assert small.compat.bf16_cross_attention
+    monkeypatch.setattr(B, "official_config", lambda: small)
+    rep = run_bench(BenchConfig(tmp_path / "o.json", preset="official", device="cpu", dtype="bf16", size=256, runs=1,
+                                warmup=0, quick=True, progress=False))
+    assert all("error" not in r for r in rep["ours"]["rows"].values()), rep["ours"]["rows"]
+    assert rep["ours"]["dtype"] == "bfloat16" and rep["bound"]["assumptions"]["bytes_per_param"] == 2
 
 
 def test_fill_random_depends_on_names_not_order():

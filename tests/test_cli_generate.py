@@ -49,6 +49,17 @@ def test_user_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
     assert code == 2 and "missing.png" in err
 
 
+def test_usage_errors_name_the_option(tmp_path, capsys):
+    """A bad option value or an unknown option: click's usage message naming it, exit 2 (whichever click typer
+    raises: its own copy in newer typer, click's in older)."""
+    code, _, err = run_cli(capsys, "generate", "a circle", "--steps-typo", "3")
+    assert code == 2 and "No such option: --steps-typo" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "bench", "--json", str(tmp_path / "b.json"), "--runs", "0")
+    assert code == 2 and "Invalid value for '--runs'" in err
+    code, out, _ = run_cli(capsys, "bench", "--help")
+    assert code == 0 and "--baseline-timeout" in out
+
+
 def test_chat_repl(tiny_model_dir, tmp_path, capsys, monkeypatch):
     img = tmp_path / "in.png"
     Image.fromarray(np.full((64, 64, 3), 200, dtype=np.uint8)).save(img)

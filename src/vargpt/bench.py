@@ -98,6 +98,7 @@ class BenchConfig:
     baseline_src: Path | None = None
     baseline_harness: Path | None = None
     baseline_variant: str = "fp32"
+    baseline_timeout: float | None = None  # seconds; past it the report says so and keeps our rows
     peak: str | None = None  # a GPU_PEAKS name or "TFLOPS,TB/s"
     skip_train: bool = False
     progress: bool = True
@@ -119,6 +120,8 @@ class BenchConfig:
             if not (harness / "official_env.py").is_file():
                 raise InputError(f"{harness} has no official_env.py; pass --baseline-harness DIR (the official "
                                  "harness folder)")
+        if self.baseline_timeout is not None and self.baseline_timeout <= 0:
+            raise InputError(f"--baseline-timeout must be > 0 seconds, got {self.baseline_timeout}")
         if self.baseline_variant not in ("fp32", "autocast_bf16"):
             raise InputError(f"--baseline-variant {self.baseline_variant!r}: fp32 or autocast_bf16")
         return self
@@ -602,7 +605,11 @@ def run_baseline(cfg: BenchConfig, work: Workload, device: torch.device, tmp: Pa
            "--warmup", str(cfg.warmup), "--threads", str(cfg.threads or 0), "--device", str(device),
            "--variant", cfg.baseline_variant] + (["--skip-train"] if cfg.skip_train else [])
     _log(cfg, "published baseline: " + " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.baseline_timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"the published baseline ran past --baseline-timeout {cfg.baseline_timeout:g} s and was "
+                           "stopped; give it more time, or --runs fewer") from None
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout)[-1500:]
@@ -642,8 +649,46 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         gc.collect()
         torch.cuda.empty_cache()
 
+    t2i_tokens = int(work.tensors["t2i_prompt_ids"].shape[1]) + 1 if "t2i_prompt_ids" in work.tensors else None
+    path = Path(cfg.json_path)
+    notes = work.notes + ["times are medians of the timed runs, warm-up excluded; excl_vae = the call minus the VAE "
+                          "decode timed inside it"]
+
+    def write(published: dict[str, Any] | None, baseline_error: str | None) -> dict[str, Any]:
+        """The report with what is known so far, as JSON and markdown."""
+        report: dict[str, Any] = {
+            "preset": cfg.preset,
+            "settings": {"size": work.size, "pn": work.pn, "runs": cfg.runs, "warmup": cfg.warmup, "quick": cfg.quick,
+                         "batches": [int(k.removeprefix("t2i_batch")) for k in rows if k.startswith("t2i_batch")],
+                         "seed": work.seed, "sampling": dataclasses.asdict(config.sampling),
+                         "t2i_prompt_tokens": t2i_tokens, "understanding_prompt_tokens": prompt_tokens,
+                         "understanding_new_tokens": work.new_tokens},
+            "environment": env,
+            "ours": ours,
+            "published": published,
+            "baseline_error": baseline_error,
+            "same_weights": same_weights(signature, (published or {}).get("weights_signature")),
+            "speedup_vs_published": speedups(ours["derived"], (published or {}).get("derived")),
+            # the same from process CPU time: on a loaded CPU with one thread, the cost without the waits
+            "speedup_vs_published_cpu_time": speedups(ours["derived_cpu"], (published or {}).get("derived_cpu")),
+            "notes": notes,
+        }
+        if cfg.preset == "official":
+            patches = int(work.tensors["und_image_grid_thw"].prod())
+            report["bound"] = image_bound(config, work.size, t2i_tokens or 32,
+                                          peak=resolve_peak(cfg.peak, env["device_name"]),
+                                          bytes_per_param=torch.empty((), dtype=dtype).element_size(),
+                                          vae=vae_cost(config, work.size), understanding=(prompt_tokens, patches))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")
+        path.with_suffix(".md").write_text(markdown_table(report))
+        _log(cfg, f"wrote {path} and {path.with_suffix('.md')} in {time.perf_counter() - t0:.0f} s")
+        return report
+
     published, baseline_error = None, None
     if cfg.baseline_python is not None:
+        # our rows on disk first: a baseline that crashes or runs past its time loses only its own
+        write(None, "not finished: the published baseline was still running when this was written")
         with tempfile.TemporaryDirectory(prefix="vargpt_bench_") as tmp:
             try:
                 published = run_baseline(cfg, work, device, Path(tmp))
@@ -654,36 +699,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                       int(published.get("understanding_new_tokens", work.new_tokens)))
             published["derived"] = derive(published, *counts)
             published["derived_cpu"] = derive(published, *counts, clock="cpu")
-    t2i_tokens = int(work.tensors["t2i_prompt_ids"].shape[1]) + 1 if "t2i_prompt_ids" in work.tensors else None
-    report: dict[str, Any] = {
-        "preset": cfg.preset,
-        "settings": {"size": work.size, "pn": work.pn, "runs": cfg.runs, "warmup": cfg.warmup, "quick": cfg.quick,
-                     "batches": [int(k.removeprefix("t2i_batch")) for k in rows if k.startswith("t2i_batch")],
-                     "seed": work.seed, "sampling": dataclasses.asdict(config.sampling),
-                     "t2i_prompt_tokens": t2i_tokens, "understanding_prompt_tokens": prompt_tokens,
-                     "understanding_new_tokens": work.new_tokens},
-        "environment": env,
-        "ours": ours,
-        "published": published,
-        "baseline_error": baseline_error,
-        "same_weights": same_weights(signature, (published or {}).get("weights_signature")),
-        "speedup_vs_published": speedups(ours["derived"], (published or {}).get("derived")),
-        # the same from process CPU time: on a loaded CPU with one thread, the cost without the waits
-        "speedup_vs_published_cpu_time": speedups(ours["derived_cpu"], (published or {}).get("derived_cpu")),
-        "notes": work.notes + ["times are medians of the timed runs, warm-up excluded; excl_vae = the call minus the "
-                               "VAE decode timed inside it"],
-    }
-    if cfg.preset == "official":
-        patches = int(work.tensors["und_image_grid_thw"].prod())
-        report["bound"] = image_bound(config, work.size, t2i_tokens or 32,
-                                      peak=resolve_peak(cfg.peak, env["device_name"]),
-                                      bytes_per_param=torch.empty((), dtype=dtype).element_size(),
-                                      vae=vae_cost(config, work.size), understanding=(prompt_tokens, patches))
-    path = Path(cfg.json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    path.with_suffix(".md").write_text(markdown_table(report))
-    _log(cfg, f"wrote {path} and {path.with_suffix('.md')} in {time.perf_counter() - t0:.0f} s")
+    report = write(published, baseline_error)
     if baseline_error is not None:
         raise VargptError(f"{baseline_error}\n(our measurements are in {path})")
     return report

@@ -596,6 +596,9 @@ def bench_cmd(
                                                           "(default: ../shared/official-harness).")] = None,
     baseline_variant: Annotated[str, typer.Option("--baseline-variant", help="Published side: fp32 (its default) "
                                                   "or autocast_bf16.")] = "fp32",
+    baseline_timeout: Annotated[float | None, typer.Option("--baseline-timeout", min=1, help="Seconds the published "
+                                                           "side may run; past them it is stopped and the report "
+                                                           "keeps our rows (default: no limit).")] = None,
     device: Annotated[str, typer.Option("--device", help=_DEVICE_HELP)] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help=_DTYPE_HELP)] = "auto",
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="Torch intra-op threads, both sides "
@@ -623,7 +626,7 @@ def bench_cmd(
         json_path=json_path, preset=preset, device=device, dtype=dtype, threads=threads, runs=runs, warmup=warmup,
         quick=quick, size=size, new_tokens=new_tokens, model_dir=model, fixtures=fixtures,
         baseline_python=baseline_python, baseline_src=baseline_src, baseline_harness=baseline_harness,
-        baseline_variant=baseline_variant, peak=peak, skip_train=skip_train))
+        baseline_variant=baseline_variant, baseline_timeout=baseline_timeout, peak=peak, skip_train=skip_train))
     t1 = report["ours"]["derived"]["t2i"].get("1", {})
     typer.echo(json.dumps({"json": str(json_path), "markdown": str(json_path.with_suffix(".md")),
                            "t2i_batch1_s": t1.get("latency_s"),
@@ -695,12 +698,15 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # click usage errors and anything unexpected: still one line without --debug
         import click
 
-        if isinstance(e, click.exceptions.ClickException):
+        # newer typer (0.29 here) raises its own copies of click's exceptions: typer.TyperException (the base of
+        # its usage errors), typer.Exit, typer.Abort; older typer raises click's
+        usage = (click.exceptions.ClickException, *filter(None, [getattr(typer, "TyperException", None)]))
+        if isinstance(e, usage) and hasattr(e, "show"):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
+        if isinstance(e, (click.exceptions.Exit, typer.Exit)):
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, (click.exceptions.Abort, typer.Abort)):
             sys.exit(1)
         if debug:
             raise

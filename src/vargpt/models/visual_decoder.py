@@ -356,7 +356,9 @@ class CrossAttention(nn.Module):
         k, v = kv if kv is not None else self.context_kv(context_BNC)
         B = context_BNC.shape[0]
         if x_BLC is None:  # attentive pool
-            q = self.mat_q.to(k.dtype).unsqueeze(2).expand(B, -1, -1, -1)
+            # the module's dtype, not k's: with ``bf16`` the keys arrive as fp32 copies of bf16 values, and the
+            # output must come back in the dtype ``proj`` takes (bf16 in a bf16 model)
+            q = self.mat_q.unsqueeze(2).expand(B, -1, -1, -1)
         else:
             q = self.mat_q(x_BLC).view(B, x_BLC.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
         out = _cross_attend(q, k, v, mask_BN, 1.0 / math.sqrt(self.head_dim), self.bf16)
