@@ -58,13 +58,19 @@ def test_top_k_one_keeps_argmax_and_filters_are_copies():
     assert torch.equal(top_k_top_p_filter(logits), logits)  # 0 = off
 
 
-def test_sample_bits_single_generator_is_one_multinomial_call():
-    logits = torch.randn(2, 5, 8, 2, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sample_bits_single_generator_is_one_multinomial_call(dtype):
+    """The same bits as one multinomial call, in the model's dtype too (bf16 draws its Exp(1) noise in bf16, as
+    multinomial does on bf16 probabilities); the noise comes from the generator's device, the argmax runs on the
+    probabilities' (on a GPU with the engine's CPU generators: the same bits for a seed)."""
+    logits = torch.randn(2, 5, 8, 2, generator=torch.Generator().manual_seed(0)).to(dtype)
     bits = sample_bits(logits, generator=torch.Generator().manual_seed(42))
     ref = torch.multinomial(logits.softmax(-1).view(-1, 2), 1, replacement=True,
                             generator=torch.Generator().manual_seed(42)).view(2, 5, 8)
     assert torch.equal(bits, ref)
     assert bits.dtype == torch.long and set(bits.unique().tolist()) <= {0, 1}
+    with pytest.raises(RuntimeError, match="nan"):
+        sample_bits(torch.full_like(logits, float("nan")), generator=torch.Generator())
 
 
 def test_sample_bits_per_sample_generators_are_batch_invariant():

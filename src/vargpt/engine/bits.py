@@ -8,13 +8,15 @@ bit is an independent 2-way distribution. `sample_bits` returns {0, 1} bits ``[B
 Reproducing the published sampler: it divides the logits by tau, mixes ``cfg * cond + (1 - cfg) * uncond``,
 applies top-k then top-p to each 2-way distribution (with the published threshold test ``cumsum <= 1 - top_p``
 on the ascending-sorted probabilities, always keeping the largest) and draws with ONE call of
-``torch.multinomial`` on the flattened ``[B*l*D, 2]`` probabilities with a CPU generator. With a single
-generator `sample_bits` makes that same call, so the same seed gives the same bits when the logits match.
+``torch.multinomial`` on the flattened ``[B*l*D, 2]`` probabilities with a generator on the model's device (a
+CPU one for the fixtures). With a single generator `sample_bits` draws what that call draws, so the same seed gives
+the same bits when the logits match.
 
 Differences from the published implementation: a list of generators (one per sample) draws each sample from
 its own generator, so a batch gives the same bits as separate batch-1 calls with the same seeds (the bits of one
-``torch.multinomial`` call per sample, drawn in one batched pass: `_draw_per_sample`); the functions return new
-tensors instead of filtering the logits in place.
+``torch.multinomial`` call per sample, drawn in one batched pass: `_draw`); the random numbers come from the
+generator's device whatever the model's, so the engine's CPU generators give a seed the same draws on a GPU; the
+functions return new tensors instead of filtering the logits in place.
 """
 
 from __future__ import annotations
@@ -74,12 +76,13 @@ def sample_bits(logits_BlD2: Tensor, *, tau: float = 1.0, top_k: int = 0, top_p:
     B, l, D = logits_BlD2.shape[:3]
     logits = logits_BlD2 if tau == 1.0 else logits_BlD2.mul(1 / tau)
     probs = _bit_probs(logits, top_k, top_p)
-    if generator is None or isinstance(generator, torch.Generator):
-        draws = torch.multinomial(probs.reshape(-1, 2), 1, replacement=True, generator=generator)
-        return draws.view(B, l, D)
+    if generator is None:
+        return torch.multinomial(probs.reshape(-1, 2), 1, replacement=True).view(B, l, D)
+    if isinstance(generator, torch.Generator):
+        return _draw(probs, [generator])
     if len(generator) != B:
         raise ValueError(f"got {len(generator)} generators for a batch of {B}")
-    return _draw_per_sample(probs, generator)
+    return _draw(probs, list(generator))
 
 
 def _bit_probs(logits: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -97,16 +100,20 @@ def _bit_probs(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return torch.where(drop.any(dim=-1, keepdim=True), (~drop).to(probs.dtype), probs)
 
 
-def _draw_per_sample(probs_BlD2: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
-    """``torch.multinomial(probs[b].reshape(-1, 2), 1, replacement=True, generator=generators[b])`` for every b, in
-    one pass: that call draws q ~ Exp(1) (``exponential_`` on a tensor like its input) and takes argmax(p / q)
-    (torch's one-sample path); here each sample's q fills its slice of one tensor from its own generator (the same
-    numbers) and the division and argmax run once for the batch instead of once per sample, with one validity check
-    (multinomial's: finite, non-negative probabilities) instead of B. Tests compare the bits with the per-sample calls.
+def _draw(probs_BlD2: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
+    """``torch.multinomial(p.reshape(-1, 2), 1, replacement=True, generator=g)`` for each generator's share of the
+    batch (all of it for one generator; sample b for ``generators[b]``), in one pass. For one sample that call draws
+    q ~ Exp(1) (``exponential_`` on a tensor like its input) and takes argmax(p / q) (torch's one-sample path); here
+    each share's q is drawn from its generator on the generator's own device, so the engine's CPU generators draw the
+    same numbers for a seed on every device (a CUDA tensor cannot take a CPU generator, and the published code's
+    device generator would give other images on a GPU), and is then moved to the probabilities' device; the division
+    and argmax run once for the batch. multinomial's validity check (finite, non-negative) runs where it costs no
+    device synchronisation, on CPU; `sample_image_tokens` checks the logits of an accelerator once, after its loop.
+    Tests compare the bits with the per-sample multinomial calls.
     """
-    if not bool(((probs_BlD2 >= 0) & (probs_BlD2 < torch.inf)).all()):
+    if probs_BlD2.device.type == "cpu" and not bool(((probs_BlD2 >= 0) & (probs_BlD2 < torch.inf)).all()):
         raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
-    q = torch.empty_like(probs_BlD2)
-    for b, g in enumerate(generators):
-        q[b].exponential_(generator=g)
+    draws = [torch.empty(share.shape, dtype=share.dtype, device=g.device).exponential_(generator=g)
+             for share, g in zip(probs_BlD2.chunk(len(generators)), generators, strict=True)]
+    q = (draws[0] if len(draws) == 1 else torch.cat(draws)).to(probs_BlD2.device, non_blocking=True)
     return torch.div(probs_BlD2, q, out=q).argmax(dim=-1)

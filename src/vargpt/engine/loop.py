@@ -124,6 +124,7 @@ def sample_image_tokens(decoder: VisualDecoder, cond: DecoderCondition, schedule
         L = sum(t * h * w for t, h, w in schedule)
         cond = dataclasses.replace(cond, source_BLD=torch.zeros(rows, L, D, device=device))
     start = 0
+    nonfinite: Tensor | None = None  # off CPU: checked once after the loop, a check per scale would wait for the device
     for k, (_, h, w) in enumerate(schedule):
         if source_latent is not None:
             term = source_residual(source_latent, summed, (h, w))
@@ -139,6 +140,9 @@ def sample_image_tokens(decoder: VisualDecoder, cond: DecoderCondition, schedule
             logits = logits[:, -h * w:]
         if return_logits:
             out.logits.append(logits)
+        if device.type != "cpu":  # on CPU `sample_bits` refuses them at once, as multinomial does
+            bad = ~torch.isfinite(logits).all()
+            nonfinite = bad if nonfinite is None else nonfinite | bad
         logits = logits.mul(1 / taus[k])
         logits = cfg_mix(logits[:B], logits[B:], cfgs[k]) if guided and cfgs[k] != 1 else logits[:B]
         bits = sample_bits(as_bit_logits(logits), top_k=sampling.top_k, top_p=sampling.top_p,
@@ -158,6 +162,9 @@ def sample_image_tokens(decoder: VisualDecoder, cond: DecoderCondition, schedule
                 x_BlC = x_BlC.repeat(2, 1, 1)
         else:
             summed = summed + codes_BDhw
+    if nonfinite is not None and bool(nonfinite):
+        raise RuntimeError("the decoder's bit logits held inf or nan, so the bits drawn from them mean nothing; run in "
+                           "fp32 (--dtype fp32) or check the weights")
     out.summed_codes_BDHW = summed
     return out
 
