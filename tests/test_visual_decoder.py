@@ -405,6 +405,17 @@ def test_bf16_weights_run():
     assert out.summed_codes_BDHW.shape == (2, 8, 8, 8)
 
 
+def test_cfg_uncond_is_the_released_cpu_draw_on_any_device():
+    """Drawn with the released CPU generator on CPU, then placed where the model is built (under a device
+    context: here meta; on a GPU, where a CPU generator cannot fill a CUDA tensor)."""
+    cfg = DecoderConfig(depth=2, embed_dim=64, num_heads=2, block_chunks=1, text_channels=64, text_maxlen=32)
+    ref = torch.empty(cfg.text_maxlen, cfg.text_channels)
+    torch.nn.init.trunc_normal_(ref, std=1.2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(VisualDecoder(cfg, codebook_dim=8).cfg_uncond, ref / cfg.text_channels**0.5)
+    with torch.device("meta"):
+        assert VisualDecoder(cfg, codebook_dim=8).cfg_uncond.is_meta
+
+
 def test_published_uncond_context_rows():
     dec = _tiny_decoder()
     ctx, mask = published_uncond_context(dec, torch.tensor([3, 5]))

@@ -486,9 +486,11 @@ class VisualDecoder(nn.Module):
         C, Ct = cfg.embed_dim, cfg.text_channels
         init_std = math.sqrt(1 / C / 3)
 
-        uncond = torch.empty(cfg.text_maxlen, Ct)
+        # the released draw: a CPU generator, so drawn on CPU whatever the device being built on (a CUDA tensor
+        # cannot take a CPU generator), then moved there
+        uncond = torch.empty(cfg.text_maxlen, Ct, device="cpu")
         nn.init.trunc_normal_(uncond, std=1.2, generator=torch.Generator().manual_seed(0))
-        self.cfg_uncond = nn.Parameter(uncond / Ct**0.5)
+        self.cfg_uncond = nn.Parameter((uncond / Ct**0.5).to(torch.get_default_device()))
         self.text_norm = _RMSNorm(Ct, cfg.norm_eps)
         self.text_proj_for_sos = _AttentivePool(Ct, C, compat.bf16_cross_attention)
         # Kept so released checkpoints load; VARGPT-v1.1 never uses its output.
