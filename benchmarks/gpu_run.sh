@@ -4,9 +4,10 @@
 # Steps, each under its own time limit so that one that hangs leaves the others' results:
 #   1. `vargpt bench --preset official --dtype bf16` (full size, random weights, 512 px) beside the published code
 #      (fp32, its default) on the same weights: $OUT/bench.json + bench.md (our rows are on disk before the
-#      published side starts), its progress in bench.log;
+#      published side starts), its progress in bench.log, and profile.txt: one batch-1 call under torch.profiler
+#      (kernel launches, device busy time against wall time, top kernels: what to speed up next);
 #   2. benchmarks/gpu_psnr.py: bf16 against fp32 (the embedded default's whole text-to-image, the VAE decodes):
-#      $OUT/psnr.json, psnr.log.
+#      $OUT/psnr.json (its output in run.log).
 # env.txt says what the machine had; run.log what ran and how it ended.
 # A CPU dry run of the same steps (fixture weights; EXTRA_SITE: a folder with what the device image has and this
 # Python lacks for the published side: einops, opencv-python-headless, timm, colorama, requests):
@@ -50,10 +51,10 @@ log "environment: $(tr '\n' ' ' < "$OUT/env.txt")"
 log "1. bench: preset $PRESET on $DEVICE in bf16, the published code in fp32 beside it (limit ${BENCH_S} s)"
 timeout "$BENCH_S" "$PY" -m vargpt bench --json "$OUT/bench.json" --preset "$PRESET" --device "$DEVICE" \
     --dtype bf16 --runs "$RUNS" --baseline-python "$PUB_PY" --baseline-src "$G/published_src" \
-    --baseline-harness "$G/harness" > "$OUT/bench.log" 2>&1
+    --baseline-harness "$G/harness" --profile "$OUT/profile.txt" > "$OUT/bench.log" 2>&1
 log "   bench exit $? (124: its time ran out; bench.json then holds our rows)"
 
 log "2. bf16 against fp32 (limit ${PSNR_S} s)"
-timeout "$PSNR_S" "$PY" benchmarks/gpu_psnr.py --device "$DEVICE" --json "$OUT/psnr.json" > "$OUT/psnr.log" 2>&1
+timeout "$PSNR_S" "$PY" benchmarks/gpu_psnr.py --device "$DEVICE" --json "$OUT/psnr.json" >> "$OUT/run.log" 2>&1
 log "   psnr exit $?"
 ls -la "$OUT" >> "$OUT/run.log"

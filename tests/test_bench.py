@@ -33,8 +33,12 @@ PUBLISHED = {  # what a published run reports (seconds), fixed for the plumbing 
 
 def test_bench_tiny_quick_writes_json_and_table(tmp_path, capsys):
     out = tmp_path / "bench" / "tiny.json"
-    code, stdout, err = run_cli(capsys, "bench", "--json", str(out), *QUICK)
+    code, stdout, err = run_cli(capsys, "bench", "--json", str(out), *QUICK, "--profile", str(tmp_path / "p.txt"))
     assert code == 0, err
+    head, table = (tmp_path / "p.txt").read_text().split("\n", 1)
+    summary = json.loads(head.split(": ", 1)[1])
+    assert summary["wall_s"] > 0 and summary["operator_calls"] > 100 and summary["kernel_launches"] == 0  # CPU
+    assert "aten::" in table and "Self CPU" in table
     rep = json.loads(out.read_text())
     assert json.loads(stdout)["json"] == str(out)
     assert {"device", "dtype", "threads", "torch", "cpu_model", "peak_mem_kind"} <= set(rep["environment"])

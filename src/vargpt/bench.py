@@ -55,7 +55,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from vargpt.bench_published import PeakMemory, SectionTimer, environment, measure, same_weights
+from vargpt.bench_published import PeakMemory, SectionTimer, environment, measure, same_weights, sync
 from vargpt.config import VARGPTConfig, official_config, official_fixture_config
 from vargpt.errors import InputError, VargptError
 from vargpt.runtime import resolve_device, resolve_dtype
@@ -101,6 +101,7 @@ class BenchConfig:
     baseline_timeout: float | None = None  # seconds; past it the report says so and keeps our rows
     peak: str | None = None  # a GPU_PEAKS name or "TFLOPS,TB/s"
     skip_train: bool = False
+    profile: Path | None = None  # a torch.profiler summary of one batch-1 text-to-image call, written here
     progress: bool = True
 
     def validate(self) -> BenchConfig:
@@ -535,6 +536,34 @@ def measure_ours(cfg: BenchConfig, model: Any, work: Workload, device: torch.dev
     return rows
 
 
+def write_profile(path: Path, fn: Callable[[], Any], device: torch.device) -> dict[str, float]:
+    """One warmed-up call of ``fn`` under torch.profiler: a summary (wall and CPU seconds, operator calls, kernel
+    launches, the device's busy time: wall minus busy is launch and host overhead, what CUDA graphs would remove) and
+    the top operators by device (on CPU: CPU) time, written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        sync(device)
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+    averages = prof.key_averages()
+    busy_us = sum(getattr(e, "self_device_time_total", 0) for e in averages) if cuda else 0.0
+    summary = {"wall_s": round(wall, 4), "process_cpu_s": round(cpu, 4),
+               "operator_calls": sum(e.count for e in averages if e.key.startswith("aten::")),
+               "kernel_launches": sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                                              "cudaLaunchKernelExC")),
+               "device_busy_s": round(busy_us / 1e6, 4)}
+    table = averages.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=40)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("one text-to-image call, batch 1, after one warm-up: " + json.dumps(summary) + "\n\n" + table)
+    return summary
+
+
 def derive(rows: dict[str, Any], prompt_tokens: int, new_tokens: int, clock: str = "wall") -> dict[str, Any]:
     """Latencies, images/s and tokens/s from the timed rows (the same for both sides), by ``clock``: "wall" (the
     medians of elapsed time) or "cpu" (the medians of process CPU time)."""
@@ -636,6 +665,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
         signature = weights_signature(model.named_parameters())
     rows = measure_ours(cfg, model, work, device)
+    if cfg.profile is not None:
+        write_profile(cfg.profile, t2i(model, work, 1, device), device)
+        _log(cfg, f"wrote {cfg.profile}")
     prompt_tokens = int(work.tensors["und_input_ids"].shape[1])
     ours = {"implementation": "vargpt", "dtype": str(dtype).removeprefix("torch."), "load_s": round(load_s, 3),
             "weights_signature": signature, "rows": rows}

@@ -617,6 +617,9 @@ def bench_cmd(
                                              "L40S, 4090) or TFLOPS,TB/s (default: the device's, else H100).")]
     = None,
     skip_train: Annotated[bool, typer.Option("--skip-train", help="Leave out the training step.")] = False,
+    profile: Annotated[Path | None, typer.Option("--profile", help="Also write a torch.profiler summary of one "
+                                                 "batch-1 text-to-image call (kernel launches, device busy time, "
+                                                 "top operators) to this file.")] = None,
 ) -> None:
     """Time text-to-image, understanding, the VAE and a training step; with --baseline-python/--baseline-src the
     published code too, on the same weights and inputs. Writes JSON + a markdown table."""
@@ -626,7 +629,8 @@ def bench_cmd(
         json_path=json_path, preset=preset, device=device, dtype=dtype, threads=threads, runs=runs, warmup=warmup,
         quick=quick, size=size, new_tokens=new_tokens, model_dir=model, fixtures=fixtures,
         baseline_python=baseline_python, baseline_src=baseline_src, baseline_harness=baseline_harness,
-        baseline_variant=baseline_variant, baseline_timeout=baseline_timeout, peak=peak, skip_train=skip_train))
+        baseline_variant=baseline_variant, baseline_timeout=baseline_timeout, peak=peak, skip_train=skip_train,
+        profile=profile))
     t1 = report["ours"]["derived"]["t2i"].get("1", {})
     typer.echo(json.dumps({"json": str(json_path), "markdown": str(json_path.with_suffix(".md")),
                            "t2i_batch1_s": t1.get("latency_s"),
